@@ -1,0 +1,46 @@
+"""Checkpoint metadata shared by both frameworks: what a checkpoint says about itself.
+
+Every checkpoint carries, as JSON: the format version, the backend that wrote it, the step (which
+is also the data position, since batches are a function of (seed, step)), the run config and the
+tokenizer spec. Loading compares the stored model config with the expected one field by field so
+that a mismatch is reported by name, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tnt.config import RunConfig
+
+FORMAT = "tnt-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, partial, or does not match the run."""
+
+
+def make_meta(backend: str, step: int, cfg: RunConfig, tokenizer_spec: dict) -> dict:
+    return {"format": FORMAT, "version": VERSION, "backend": backend, "step": int(step),
+            "config": cfg.to_dict(), "tokenizer": tokenizer_spec,
+            "data": {"source": cfg.train.data, "position": int(step), "seed": cfg.train.seed}}
+
+
+def check_meta(meta: object, where: str) -> dict:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a TnT checkpoint (no '{FORMAT}' metadata)")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{where} has checkpoint version {meta.get('version')}, "
+                              f"this TnT reads version {VERSION}")
+    for key in ("step", "config", "tokenizer"):
+        if key not in meta:
+            raise CheckpointError(f"{where} metadata lacks '{key}'")
+    return meta
+
+
+def config_differences(a: object, b: object) -> list[str]:
+    """`field: a != b` for every field of two dataclasses (or their dicts) that differs."""
+    da = dataclasses.asdict(a) if dataclasses.is_dataclass(a) else dict(a)
+    db = dataclasses.asdict(b) if dataclasses.is_dataclass(b) else dict(b)
+    return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db))
+            if da.get(k) != db.get(k)]

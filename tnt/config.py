@@ -1,0 +1,282 @@
+"""Typed configuration shared by both frameworks (DESIGN.md, "Config").
+
+`ModelConfig` is saved as JSON in every checkpoint; the field names are the same in `tnt_jax`
+and `tnt_torch`. `TrainConfig` holds the optimizer, schedule, data and logging settings. Both are
+frozen dataclasses validated in `__post_init__`, so a bad value fails where it is made, with the
+field's name in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+ARCHS = ("encoder_decoder", "decoder_only")
+NORMS = ("ngpt", "rmsnorm")
+ACTIVATIONS = ("gelu", "silu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "encoder_decoder"
+    norm: str = "ngpt"
+    vocab_size: int = 259
+    d_model: int = 128
+    n_heads: int = 4
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    mlp_hidden: int = 0  # 0 means 4 * d_model
+    activation: str = "gelu"
+    max_len_encoder: int = 256
+    max_len_decoder: int = 256
+    rope_base: float = 10000.0
+    base_scale: float = 0.0  # 0 means 1/sqrt(d_model) for ngpt, 0.02 for rmsnorm
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        for name in ("vocab_size", "d_model", "n_heads", "n_decoder_layers", "max_len_encoder",
+                     "max_len_decoder"):
+            _check_positive(name, getattr(self, name))
+        if self.arch == "encoder_decoder":
+            _check_positive("n_encoder_layers", self.n_encoder_layers)
+        if self.mlp_hidden < 0:
+            raise ConfigError(f"mlp_hidden must be >= 0 (0 means 4*d_model), got {self.mlp_hidden}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head dim d_model/n_heads = {self.head_dim} must be even for RoPE "
+                f"(d_model={self.d_model}, n_heads={self.n_heads})")
+        if self.rope_base <= 0:
+            raise ConfigError(f"rope_base must be > 0, got {self.rope_base}")
+        if self.base_scale < 0:
+            raise ConfigError(f"base_scale must be >= 0 (0 means the norm's default), "
+                              f"got {self.base_scale}")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name}={value} is outside [0, vocab_size={self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        """F, the gated MLP's hidden width."""
+        return self.mlp_hidden or 4 * self.d_model
+
+    @property
+    def init_scale(self) -> float:
+        """The init std (DESIGN.md: 1/sqrt(d) for ngpt, 0.02 for rmsnorm)."""
+        if self.base_scale:
+            return self.base_scale
+        return 1.0 / math.sqrt(self.d_model) if self.norm == "ngpt" else 0.02
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.arch == "encoder_decoder"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule, data and bookkeeping. `None` means "the norm's default" (DESIGN.md)."""
+
+    max_steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 64  # decoder length (decoder_only: the window is seq_len + 1 tokens)
+    enc_len: int = 0  # encoder length for encoder_decoder; 0 means seq_len
+    lr: float | None = None  # ngpt 15e-4, rmsnorm 6e-4
+    min_lr: float = 0.0
+    warmup_steps: int | None = None  # ngpt 0, rmsnorm 100
+    weight_decay: float | None = None  # ngpt 0, rmsnorm 0.1 (matrices only)
+    decay_steps: int = 0  # cosine horizon; 0 means max_steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    data: str = "stdlib"
+    tokenizer: str = "byte"  # "byte" or "bpe"
+    bpe_vocab_size: int = 1024
+    val_percent: float = 5.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+                     "ckpt_every", "keep_checkpoints", "log_every", "bpe_vocab_size"):
+            _check_positive(name, getattr(self, name))
+        for name in ("enc_len", "decay_steps", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.min_lr < 0:
+            raise ConfigError(f"min_lr must be >= 0, got {self.min_lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
+        _check_choice("tokenizer", self.tokenizer, ("byte", "bpe"))
+        if not 0 < self.val_percent < 100:
+            raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
+
+    @property
+    def encoder_len(self) -> int:
+        return self.enc_len or self.seq_len
+
+    @property
+    def horizon(self) -> int:
+        return self.decay_steps or self.max_steps
+
+    def resolved(self, norm: str) -> TrainConfig:
+        """The same config with every `None` replaced by the norm's default (DESIGN.md)."""
+        ngpt = norm == "ngpt"
+        return dataclasses.replace(
+            self,
+            lr=self.lr if self.lr is not None else (15e-4 if ngpt else 6e-4),
+            warmup_steps=self.warmup_steps if self.warmup_steps is not None else (0 if ngpt else 100),
+            weight_decay=self.weight_decay if self.weight_decay is not None else (0.0 if ngpt else 0.1),
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        m, t = self.model, self.train
+        if t.seq_len > m.max_len_decoder:
+            raise ConfigError(
+                f"seq_len={t.seq_len} exceeds the model's max_len_decoder={m.max_len_decoder}")
+        if m.has_encoder and t.encoder_len > m.max_len_encoder:
+            raise ConfigError(
+                f"enc_len={t.encoder_len} exceeds the model's max_len_encoder={m.max_len_encoder}")
+
+    def to_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(model=model_config_from_dict(d["model"]),
+                   train=_from_dict(TrainConfig, d["train"], "train"))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    return _from_dict(ModelConfig, d, "model")
+
+
+def _from_dict(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} config field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
+# Presets: the CPU default and GPU-sized shapes up to the nGPT paper's 0.5B and 1B models
+# (24 layers x d 1024 x 16 heads; 36 layers x d 1280 x 20 heads, context 4096 in the paper).
+PRESETS: dict[str, dict[str, object]] = {
+    "cpu": {},
+    "cpu-tiny": {"d_model": 64, "n_heads": 2, "n_encoder_layers": 1, "n_decoder_layers": 1,
+                 "max_steps": 50, "batch_size": 8, "seq_len": 32},
+    "gpu-small": {"d_model": 768, "n_heads": 12, "n_encoder_layers": 6, "n_decoder_layers": 6,
+                  "max_len_encoder": 1024, "max_len_decoder": 1024, "seq_len": 512,
+                  "batch_size": 64, "max_steps": 20000, "eval_every": 500, "ckpt_every": 2000},
+    "ngpt-0.5b": {"arch": "decoder_only", "d_model": 1024, "n_heads": 16, "n_decoder_layers": 24,
+                  "max_len_encoder": 4096, "max_len_decoder": 4096, "seq_len": 4096,
+                  "batch_size": 128, "max_steps": 100000, "eval_every": 1000, "ckpt_every": 5000},
+    "ngpt-1b": {"arch": "decoder_only", "d_model": 1280, "n_heads": 20, "n_decoder_layers": 36,
+                "max_len_encoder": 4096, "max_len_decoder": 4096, "seq_len": 4096,
+                "batch_size": 128, "max_steps": 100000, "eval_every": 1000, "ckpt_every": 5000},
+}
+
+
+def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = None,
+                     sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from a preset, typed overrides (e.g. from flags) and `field=value` strings.
+
+    Field names are unique across ModelConfig and TrainConfig, so `d_model=256` and
+    `model.d_model=256` both work. Later sources win: preset < overrides < sets.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values: dict[str, object] = dict(PRESETS[preset])
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for item in sets:
+        name, value = parse_set(item)
+        values[name] = value
+    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model_kw, train_kw = {}, {}
+    for name, value in values.items():
+        if name in model_fields:
+            model_kw[name] = _coerce(name, value, model_fields[name])
+        elif name in train_fields:
+            train_kw[name] = _coerce(name, value, train_fields[name])
+        else:
+            raise ConfigError(f"unknown config field {name!r}")
+    return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw))
+
+
+def parse_set(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects field=value, got {item!r}")
+    name, value = item.split("=", 1)
+    name = name.strip()
+    for prefix in ("model.", "train."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name, value.strip()
+
+
+def _coerce(name: str, value: object, f: dataclasses.Field) -> object:
+    if not isinstance(value, str):
+        return value
+    hints = typing.get_type_hints(ModelConfig if f.name in ModelConfig.__dataclass_fields__
+                                  else TrainConfig)
+    kind = hints[f.name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        if value.lower() == "none":
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            return value.lower() in ("1", "true", "yes")
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,109 @@
+"""optax transforms for nGPT: eigen learning rates and the unit-norm projection, and the builder
+that chains them in DESIGN.md's order:
+
+    clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers -> learning rate -> projection
+
+The projection is the last transform, so `optax.apply_updates(params, updates)` lands exactly on
+the unit sphere; nobody writing their own loop can forget it. Both transforms work on any pytree
+whose paths spell the canonical names (the flat dict TnT trains, or an `nnx.State`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tnt.config import ModelConfig, TrainConfig
+from tnt.params import param_specs
+from tnt.schedule import learning_rate_table
+from tnt_jax.model import l2norm
+
+
+def path_name(path) -> str:
+    """A pytree path as a canonical name: ("decoder", "layers", 0, "attn", "wq") -> dotted."""
+    parts = []
+    for key in path:
+        part = getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))
+        parts.append(str(part))
+    if parts and parts[-1] == "value":  # nnx.Variable leaves
+        parts.pop()
+    return ".".join(parts)
+
+
+def scale_by_eigen_lr(multiplier: Callable[[str], float]) -> optax.GradientTransformation:
+    """Multiply each parameter's update by `multiplier(name)`, its eigen-LR `init/scale`.
+
+    With the scaler stored at its effective value this reproduces the reference's
+    reparametrization (stored at `scale`, multiplied by `init/scale` in the forward) for Adam.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if (m := multiplier(path_name(path))) == 1.0 else u * m, updates)
+        return scaled, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def unit_norm_projection(axis: Callable[[str], int | None]) -> optax.GradientTransformation:
+    """Return `norm(params + u) - params` for every leaf with a d_model axis (DESIGN.md).
+
+    Chain it last: afterwards `params + updates` is unit-norm along that axis. Leaves whose
+    `axis(name)` is None (scalers, RMSNorm scales) pass through untouched.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("unit_norm_projection needs params: call tx.update(updates, state, "
+                             "params)")
+
+        def project(path, u, p):
+            ax = axis(path_name(path))
+            return u if ax is None else l2norm(p + u, ax) - p
+
+        return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lr_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+    """The shared schedule (tnt.schedule) as an optax schedule, by table lookup."""
+    t = train_cfg.resolved(model_cfg.norm)
+    table = jnp.asarray(learning_rate_table(t.lr, t.min_lr, t.warmup_steps, t.horizon,
+                                            max(t.horizon, t.max_steps) + 1))
+    return lambda count: table[jnp.minimum(count, table.shape[0] - 1)]
+
+
+def build_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.GradientTransformation:
+    """The full TnT optimizer for a config; updates go to the canonical flat dict."""
+    t = train_cfg.resolved(model_cfg.norm)
+    specs = param_specs(model_cfg)
+
+    def spec(name: str):
+        if name not in specs:
+            raise KeyError(f"optimizer got parameter {name!r}, which the config does not define")
+        return specs[name]
+
+    chain = [optax.clip_by_global_norm(t.grad_clip),
+             optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=t.eps)]
+    if t.weight_decay:
+        chain.append(optax.add_decayed_weights(t.weight_decay, mask=lambda params: (
+            jax.tree_util.tree_map_with_path(lambda p, _: spec(path_name(p)).weight_decay,
+                                             params))))
+    chain += [scale_by_eigen_lr(lambda n: spec(n).eigen_lr),
+              optax.scale_by_learning_rate(lr_schedule(model_cfg, train_cfg))]
+    if model_cfg.norm == "ngpt":
+        chain.append(unit_norm_projection(lambda n: spec(n).project_axis))
+    return optax.chain(*chain)

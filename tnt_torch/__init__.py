@@ -1,0 +1,1 @@
+"""TnT in PyTorch: the same model, parameter for parameter, as tnt_jax (in progress)."""
