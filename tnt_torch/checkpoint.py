@@ -1,0 +1,162 @@
+"""Checkpoints of a torch run without pickle: safetensors for arrays, JSON for everything else.
+
+Layout: `RUN_DIR/checkpoints/<step>/{params.safetensors, optimizer.safetensors, meta.json}`.
+`params.safetensors` holds the canonical float32 `[in, out]` parameters (DESIGN.md), so the file
+reads the same as a JAX export; `optimizer.safetensors` holds Adam's `exp_avg`, `exp_avg_sq` and
+`step` per canonical name. A step is written into a hidden temporary folder and renamed into
+place with `os.replace`, so a crash never leaves a half-written step that looks complete; only
+the last `keep` steps are kept. The metadata is `tnt.checkpoint_meta`'s, shared with JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
+from tnt.config import ModelConfig, RunConfig
+from tnt.params import check_canonical
+from tnt.tokenizer import tokenizer_from_spec
+
+PARAMS_FILE = "params.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.name.isdigit() and (path / META_FILE).is_file()
+
+
+def steps(directory: str | Path) -> list[int]:
+    """The committed steps in a checkpoints folder, ascending."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if _is_step_dir(p))
+
+
+def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
+         optimizer: dict[str, np.ndarray], meta: dict, keep: int | None = None) -> Path:
+    """Write step `step` atomically under `directory` and keep only the last `keep` steps."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / str(int(step))
+    tmp = directory / f".tmp-{int(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: np.asarray(v, np.float32, order="C") for k, v in params.items()},
+              str(tmp / PARAMS_FILE), metadata={"format": "tnt-canonical-params"})
+    save_file({k: np.asarray(v, np.float32, order="C") for k, v in optimizer.items()},
+              str(tmp / OPTIMIZER_FILE), metadata={"format": "tnt-adam-state"})
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    for name in (PARAMS_FILE, OPTIMIZER_FILE, META_FILE):
+        _fsync(tmp / name)
+    if final.exists():  # re-saving a step: move the old one aside, then drop it
+        old = directory / f".old-{int(step)}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(directory)
+    if keep is not None:
+        for s in steps(directory)[:-keep]:
+            shutil.rmtree(directory / str(s), ignore_errors=True)
+    return final
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """A run dir, its `checkpoints` folder, or one step folder -> (checkpoints folder, step)."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if _is_step_dir(path):
+        return path.parent, int(path.name)
+    if path.name.isdigit() and (path / "meta").is_dir():
+        raise CheckpointError(f"{path} is a checkpoint of the jax backend (orbax layout); load it "
+                              f"with tnt_jax or resume it with --backend jax")
+    found = steps(path) if path.is_dir() else []
+    if not found:
+        if path.is_dir() and any(p.name.isdigit() and (p / "meta").is_dir()
+                                 for p in path.iterdir()):
+            raise CheckpointError(f"{path} holds checkpoints of the jax backend (orbax layout); "
+                                  f"resume it with --backend jax")
+        raise CheckpointError(f"{path} holds no committed checkpoint")
+    return path, found[-1]
+
+
+def read_meta(path: str | Path) -> tuple[Path, int, dict]:
+    directory, step = resolve(path)
+    where = directory / str(step)
+    try:
+        meta = json.loads((where / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint metadata at {where}: {e}") from e
+    meta = check_meta(meta, str(where))
+    if meta["step"] != step:
+        raise CheckpointError(f"{where} says it is step {meta['step']}, not {step}")
+    return directory, step, meta
+
+
+def _load(file: Path) -> dict[str, np.ndarray]:
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {file} is corrupt: {e}") from e
+
+
+def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The canonical params of a checkpoint (float32 numpy) and its metadata."""
+    directory, step, meta = read_meta(path)
+    params = _load(directory / str(step) / PARAMS_FILE)
+    cfg = RunConfig.from_dict(meta["config"]).model
+    try:
+        check_canonical(params, cfg)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {directory / str(step)} does not match its own "
+                              f"config: {e}") from e
+    return params, meta
+
+
+def restore(path: str | Path, expected: ModelConfig
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """(params, optimizer state, meta) of a checkpoint whose model config equals `expected`;
+    differences are listed by field name before any tensor is read."""
+    directory, step, meta = read_meta(path)
+    stored = RunConfig.from_dict(meta["config"]).model
+    diff = config_differences(stored, expected)
+    if diff:
+        raise CheckpointError(f"checkpoint {directory / str(step)} was written for another model: "
+                              + "; ".join(diff))
+    params, meta = read_params(directory / str(step))
+    optimizer = _load(directory / str(step) / OPTIMIZER_FILE)
+    return params, optimizer, meta
+
+
+def load_checkpoint(path: str | Path):
+    """(model, run config, tokenizer) from a checkpoint written by the torch backend."""
+    from tnt_torch.model import TnT, load_canonical
+
+    params, meta = read_params(path)
+    cfg = RunConfig.from_dict(meta["config"])
+    model = load_canonical(TnT(cfg.model), params)
+    return model.eval(), cfg, tokenizer_from_spec(meta["tokenizer"])

@@ -1,0 +1,317 @@
+"""The TnT model in PyTorch: encoder-decoder or decoder-only, nGPT or pre-norm RMSNorm.
+
+The mirror of `tnt_jax/model.py`, and like it reads top to bottom as DESIGN.md, "Forward pass".
+Every parameter is a plain `nn.Parameter` created from the shared table
+`tnt.params.param_specs` and stored in the canonical `[in, out]` layout (`y = x @ W`), so the
+module paths *are* the canonical names (`decoder.layers.0.attn.wq`) and export/import is a copy
+with no transposes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnt.config import ModelConfig
+from tnt.data import check_token_ids
+from tnt.params import ParamSpec, check_canonical, param_specs
+
+
+def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """`x / max(||x||, 1e-12)` along `dim` (F.normalize; tnt_jax.model.l2norm is the same)."""
+    return F.normalize(x, dim=dim, eps=1e-12)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm computed in float32 (DESIGN.md, rmsnorm baseline)."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+    return (y * scale).to(x.dtype)
+
+
+def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1 (float64 -> float32,
+    exactly as tnt_jax.model.rope_tables)."""
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return (torch.from_numpy(np.cos(angles).astype(np.float32)),
+            torch.from_numpy(np.sin(angles).astype(np.float32)))
+
+
+def apply_rope(x_BxHxLxK: torch.Tensor, cos_LxK2: torch.Tensor,
+               sin_LxK2: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + dh/2]) by angle pos * freq_i (the "rotate half" convention)."""
+    x1, x2 = x_BxHxLxK.chunk(2, dim=-1)
+    return torch.cat([x1 * cos_LxK2 - x2 * sin_LxK2, x2 * cos_LxK2 + x1 * sin_LxK2], dim=-1)
+
+
+class Mask:
+    """Which keys each query may see. `None` fields mean "all": the no-padding causal case runs
+    SDPA's `is_causal` fast path; otherwise a boolean `[B, 1, L, S]` mask, and rows with no
+    visible key are zeroed explicitly (DESIGN.md: exactly 0, never NaN)."""
+
+    def __init__(self, causal: bool, keep_Bx1xLxS: torch.Tensor | None) -> None:
+        self.causal = causal
+        self.keep = keep_Bx1xLxS
+        self.empty_rows = None
+        if keep_Bx1xLxS is not None:
+            empty = ~keep_Bx1xLxS.any(-1, keepdim=True)
+            self.empty_rows = empty if bool(empty.any()) else None
+
+
+def attend(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask: Mask, scale: float) -> torch.Tensor:
+    if mask.keep is None:
+        y = F.scaled_dot_product_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK,
+                                           is_causal=mask.causal, scale=scale)
+    else:
+        y = F.scaled_dot_product_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK,
+                                           attn_mask=mask.keep, scale=scale)
+    if mask.empty_rows is not None:
+        y = y.masked_fill(mask.empty_rows, 0.0)
+    return y
+
+
+def _init(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
+    """One parameter from the shared table (ngpt matrices start on the unit sphere)."""
+    if spec.init_std is None:
+        return nn.Parameter(torch.full(spec.shape, spec.init_value, dtype=torch.float32))
+    value = torch.randn(spec.shape, generator=generator, dtype=torch.float32) * spec.init_std
+    if spec.project_axis is not None:
+        value = l2norm(value, spec.project_axis)
+    return nn.Parameter(value)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; with ngpt, q and k are unit-normalized per head and scaled by s_qk."""
+
+    def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, rope: bool):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope = cfg.n_heads, cfg.head_dim, rope
+        self.ngpt = cfg.norm == "ngpt"
+        for w in ("wq", "wk", "wv", "wo"):
+            setattr(self, w, _init(specs[f"{prefix}.{w}"], gen))
+        if self.ngpt:
+            self.alpha = _init(specs[f"{prefix}.alpha"], gen)
+            self.s_qk = _init(specs[f"{prefix}.s_qk"], gen)
+        self.scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
+
+    def _heads(self, t_BxLxD: torch.Tensor) -> torch.Tensor:
+        B, L, _ = t_BxLxD.shape
+        return t_BxLxD.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x_BxLxD, kv_BxSxD, mask: Mask, rope=None) -> torch.Tensor:
+        B, L, D = x_BxLxD.shape
+        q = self._heads(x_BxLxD @ self.wq)
+        k = self._heads(kv_BxSxD @ self.wk)
+        v = self._heads(kv_BxSxD @ self.wv)
+        if self.rope:
+            cos, sin = rope
+            S = k.shape[2]
+            q = apply_rope(q, cos[:L], sin[:L])
+            k = apply_rope(k, cos[:S], sin[:S])
+        if self.ngpt:
+            s_qk = self.s_qk.view(self.n_heads, 1, self.head_dim)
+            q, k = s_qk * l2norm(q), s_qk * l2norm(k)
+        y = attend(q, k, v, mask, self.scale)
+        return y.transpose(1, 2).reshape(B, L, D) @ self.wo
+
+
+class MLP(nn.Module):
+    """Gated MLP `(u * act(v)) @ w_out`, `[u, v] = x @ w_in` (ngpt scales uv by s_uv*sqrt(d))."""
+
+    def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator):
+        super().__init__()
+        self.ngpt, self.hidden = cfg.norm == "ngpt", cfg.hidden
+        self.sqrt_d = math.sqrt(cfg.d_model)
+        self.activation = cfg.activation
+        self.w_in = _init(specs[f"{prefix}.w_in"], gen)
+        self.w_out = _init(specs[f"{prefix}.w_out"], gen)
+        if self.ngpt:
+            self.alpha = _init(specs[f"{prefix}.alpha"], gen)
+            self.s_uv = _init(specs[f"{prefix}.s_uv"], gen)
+
+    def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
+        uv = x_BxLxD @ self.w_in
+        if self.ngpt:
+            uv = uv * (self.s_uv * self.sqrt_d)
+        u, v = uv.split(self.hidden, dim=-1)
+        act = F.gelu(v, approximate="none") if self.activation == "gelu" else F.silu(v)
+        return (u * act) @ self.w_out
+
+
+class Scale(nn.Module):
+    """An RMSNorm's learned scale (the rmsnorm baseline only)."""
+
+    def __init__(self, specs, prefix: str, gen: torch.Generator):
+        super().__init__()
+        self.scale = _init(specs[f"{prefix}.scale"], gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.scale)
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, MLP, each joined to the stream by the residual
+    update of the norm: nGPT's normalized interpolation `norm(h + |alpha| (norm(f) - h))`, or the
+    pre-norm `h + f(rmsnorm(h))`."""
+
+    def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, cross: bool):
+        super().__init__()
+        self.ngpt = cfg.norm == "ngpt"
+        self.attn = Attention(cfg, specs, f"{prefix}.attn", gen, rope=True)
+        self.cross = Attention(cfg, specs, f"{prefix}.cross", gen, rope=False) if cross else None
+        self.mlp = MLP(cfg, specs, f"{prefix}.mlp", gen)
+        if not self.ngpt:
+            self.attn_norm = Scale(specs, f"{prefix}.attn_norm", gen)
+            self.cross_norm = Scale(specs, f"{prefix}.cross_norm", gen) if cross else None
+            self.mlp_norm = Scale(specs, f"{prefix}.mlp_norm", gen)
+
+    def forward(self, h, self_mask: Mask, rope, enc=None, cross_mask: Mask | None = None):
+        h = self._residual(h, self.attn, "attn_norm", lambda x: self.attn(x, x, self_mask, rope))
+        if self.cross is not None:
+            h = self._residual(h, self.cross, "cross_norm",
+                               lambda x: self.cross(x, enc, cross_mask))
+        return self._residual(h, self.mlp, "mlp_norm", self.mlp)
+
+    def _residual(self, h, sub: nn.Module, norm_name: str, fn) -> torch.Tensor:
+        if self.ngpt:
+            alpha = sub.alpha.abs()
+            h = l2norm(h)
+            return l2norm(h + alpha * (l2norm(fn(h)) - h))
+        return h + fn(getattr(self, norm_name)(h))
+
+
+class Stack(nn.Module):
+    """Embedding and layers of the encoder or the decoder (rmsnorm adds a final norm)."""
+
+    def __init__(self, cfg: ModelConfig, specs, name: str, n_layers: int, gen: torch.Generator,
+                 cross: bool):
+        super().__init__()
+        self.embed = _init(specs[f"{name}.embed"], gen)
+        self.layers = nn.ModuleList([Block(cfg, specs, f"{name}.layers.{i}", gen, cross)
+                                     for i in range(n_layers)])
+        self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", gen)
+
+    def forward(self, tokens_BxL, self_mask: Mask, rope, enc=None, cross_mask=None):
+        h = F.embedding(tokens_BxL, self.embed)
+        for layer in self.layers:
+            h = layer(h, self_mask, rope, enc, cross_mask)
+        return h if self.final_norm is None else self.final_norm(h)
+
+
+class TnT(nn.Module):
+    """The whole model. `model(enc_tokens, dec_tokens)` returns float32 logits [B, Ld, V].
+
+    Parameters are initialized from `param_specs(cfg)` with a torch.Generator seeded by `seed`
+    (the same seed does not give JAX's numbers: compare frameworks through `load_canonical`).
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        specs = param_specs(cfg)
+        gen = torch.Generator().manual_seed(seed)
+        self.encoder = (Stack(cfg, specs, "encoder", cfg.n_encoder_layers, gen, cross=False)
+                        if cfg.has_encoder else None)
+        self.decoder = Stack(cfg, specs, "decoder", cfg.n_decoder_layers, gen,
+                             cross=cfg.has_encoder)
+        self.lm_head = _init(specs["lm_head"], gen)
+        if cfg.norm == "ngpt":
+            self.s_z = _init(specs["s_z"], gen)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _check(self, tokens: torch.Tensor, max_len: int, what: str) -> None:
+        if tokens.ndim != 2:
+            raise ValueError(f"{what} must have shape [batch, length], got {tuple(tokens.shape)}")
+        if tokens.shape[1] > max_len:
+            raise ValueError(f"{what} has length {tokens.shape[1]}, longer than the model's "
+                             f"maximum {max_len}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"{what} must be integer token ids, got {tokens.dtype}")
+        if tokens.numel() == 0:
+            return
+        lo, hi = torch.aminmax(tokens)
+        if int(lo) < 0 or int(hi) >= self.cfg.vocab_size:
+            check_token_ids(tokens.cpu().numpy(), self.cfg.vocab_size, what)
+
+    def rope(self, length: int, device: torch.device):
+        key = (length, device)
+        if key not in self._rope_cache:
+            cos, sin = rope_tables(length, self.cfg.head_dim, self.cfg.rope_base)
+            self._rope_cache[key] = (cos.to(device), sin.to(device))
+        return self._rope_cache[key]
+
+    def _valid(self, tokens_BxL: torch.Tensor) -> torch.Tensor | None:
+        """Non-pad positions [B, L], or None when the batch has no padding (the fast path)."""
+        valid = tokens_BxL != self.cfg.pad_id
+        return None if bool(valid.all()) else valid
+
+    def encode(self, enc_tokens_BxS: torch.Tensor) -> torch.Tensor:
+        """The encoder output [B, S, D] (ngpt: unit vectors; rmsnorm: after the final norm)."""
+        self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens")
+        valid = self._valid(enc_tokens_BxS)
+        S = enc_tokens_BxS.shape[1]
+        mask = Mask(False, None if valid is None else valid[:, None, None, :].expand(-1, 1, S, S))
+        return self.encoder(enc_tokens_BxS, mask, self.rope(S, enc_tokens_BxS.device))
+
+    def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None) -> torch.Tensor:
+        self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens")
+        L, device = dec_tokens_BxL.shape[1], dec_tokens_BxL.device
+        valid = self._valid(dec_tokens_BxL)
+        if valid is None:
+            self_mask = Mask(True, None)
+        else:
+            causal_LxL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            self_mask = Mask(True, causal_LxL & valid[:, None, None, :])
+        cross_mask = None
+        if enc_BxSxD is not None:
+            if enc_tokens_BxS is None:
+                raise ValueError("decode with an encoder output needs enc_tokens for its mask")
+            enc_valid = self._valid(enc_tokens_BxS)
+            cross_mask = Mask(False, None if enc_valid is None else
+                              enc_valid[:, None, None, :].expand(-1, 1, L, -1))
+        h = self.decoder(dec_tokens_BxL, self_mask, self.rope(L, device), enc_BxSxD, cross_mask)
+        logits = (h @ self.lm_head).float()
+        if self.cfg.norm == "ngpt":
+            logits = logits * self.s_z
+        return logits
+
+    def forward(self, enc_tokens_BxS, dec_tokens_BxL) -> torch.Tensor:
+        if self.cfg.has_encoder:
+            if enc_tokens_BxS is None:
+                raise ValueError("encoder_decoder model needs enc_tokens")
+            return self.decode(dec_tokens_BxL, self.encode(enc_tokens_BxS), enc_tokens_BxS)
+        return self.decode(dec_tokens_BxL)
+
+
+def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean float32 cross-entropy over non-pad labels; returns (loss, number of label tokens)."""
+    logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
+    labels = batch["labels"].long()
+    pad = model.cfg.pad_id
+    nll_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                              ignore_index=pad, reduction="sum")
+    count = (labels != pad).sum()
+    return nll_sum / count.clamp_min(1), count
+
+
+def to_canonical(model: TnT) -> dict[str, np.ndarray]:
+    """The canonical flat dict of DESIGN.md, in `param_specs` order: float32 numpy copies,
+    `[in, out]` layout."""
+    named = dict(model.named_parameters())
+    return {n: named[n].detach().to("cpu", torch.float32).numpy().copy()
+            for n in param_specs(model.cfg)}
+
+
+def load_canonical(model: TnT, params: dict[str, np.ndarray]) -> TnT:
+    """Copy a canonical dict into `model` in place, after checking every name and shape."""
+    check_canonical(params, model.cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = torch.as_tensor(np.array(params[name], dtype=np.float32, copy=True))
+            p.copy_(value)
+    return model

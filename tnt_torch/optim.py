@@ -1,0 +1,172 @@
+"""The TnT optimizer in PyTorch: one `step()` does DESIGN.md's whole update, in its order:
+
+    clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers -> learning rate -> apply
+         -> unit-norm projection (ngpt)
+
+`TnTOptimizer` is a `torch.optim.AdamW` whose parameter groups carry the eigen learning rates of
+`tnt.params.param_specs` (group lr = schedule(step) * eigen_lr; decoupled decay only on the specs
+with `weight_decay`), and whose `step()` also clips the gradients, sets the shared schedule
+(`tnt.schedule.learning_rate`) and projects the ngpt matrices back onto the unit sphere. Anyone
+writing their own loop calls `loss.backward(); opt.step(); opt.zero_grad()` and cannot forget a
+piece (the mirror of the optax chain in `tnt_jax/optim.py`).
+
+Equivalence with the optax chain: optax applies `p -= lr * e * (adam + wd * p)`; AdamW applies
+`p -= lr_g * wd * p + lr_g * adam` with `lr_g = lr * e`: the same update.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from tnt.config import ModelConfig, TrainConfig
+from tnt.params import param_specs
+from tnt.schedule import learning_rate
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+class UnitNormProjection:
+    """`p <- p / max(||p||, 1e-12)` along each matrix's d_model axis, batched: matrices of the same
+    shape and axis are normalized by one reduction and one `_foreach_div_` (DESIGN.md, "Unit-norm
+    projection")."""
+
+    def __init__(self, params_axes: list[tuple[torch.Tensor, int]]) -> None:
+        groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p, axis in params_axes:
+            groups[(tuple(p.shape), axis % p.ndim, p.dtype, p.device)].append(p)
+        self.groups = [(key[1], ps) for key, ps in groups.items()]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for axis, ps in self.groups:
+            if len(ps) == 1:
+                norms = [torch.linalg.vector_norm(ps[0], dim=axis, keepdim=True).clamp_min_(1e-12)]
+            else:
+                stacked = torch.linalg.vector_norm(torch.stack(ps), dim=axis + 1, keepdim=True)
+                norms = list(stacked.clamp_min_(1e-12).unbind(0))
+            torch._foreach_div_(ps, norms)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """optax.clip_by_global_norm: scale all grads by min(1, max_norm / ||g||); returns ||g||
+    (before clipping). No epsilon, unlike torch.nn.utils.clip_grad_norm_."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / total).clamp(max=1.0))
+    return total
+
+
+class TnTOptimizer(torch.optim.AdamW):
+    """AdamW with eigen-LR parameter groups, the shared schedule, global-norm clipping and the
+    ngpt unit-norm projection, all inside `step()`. `step_count` is the number of updates done
+    (update k uses `learning_rate(k, ...)`); it is saved by `state_dict()`."""
+
+    def __init__(self, model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 fused: bool | None = None) -> None:
+        t = train_cfg.resolved(model_cfg.norm)
+        specs = param_specs(model_cfg)
+        named = dict(model.named_parameters())
+        extra = [n for n in named if n not in specs]
+        missing = [n for n in specs if n not in named]
+        if extra or missing:
+            raise KeyError(f"model parameters do not match the config ({model_cfg.arch}, "
+                           f"{model_cfg.norm}): missing {missing[:8]}, unexpected {extra[:8]}")
+        self.names = list(specs)
+        self.name_of = {named[n]: n for n in specs}
+        groups: dict[tuple[float, bool], list[torch.Tensor]] = defaultdict(list)
+        for name, spec in specs.items():
+            groups[(spec.eigen_lr, spec.weight_decay)].append(named[name])
+        param_groups = [{"params": ps, "eigen_lr": e, "lr": t.lr * e,
+                         "weight_decay": t.weight_decay if wd else 0.0}
+                        for (e, wd), ps in groups.items()]
+        if fused is None:
+            fused = all(p.device.type == "cpu" for p in named.values())
+        super().__init__(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                         weight_decay=0.0, fused=fused or None, foreach=None if fused else True)
+        self.train_cfg = t
+        self.step_count = 0
+        self.last_grad_norm = torch.zeros(())
+        self.projection = (UnitNormProjection([(named[n], s.project_axis) for n, s in specs.items()
+                                               if s.project_axis is not None])
+                           if model_cfg.norm == "ngpt" else None)
+
+    def lr_at(self, step: int) -> float:
+        t = self.train_cfg
+        return learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.horizon)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One full TnT update; returns the closure's loss (if any). The pre-clip global
+        gradient norm is left in `last_grad_norm`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.last_grad_norm = clip_grad_norm(params, self.train_cfg.grad_clip)
+        base = self.lr_at(self.step_count)
+        for group in self.param_groups:
+            group["lr"] = base * group["eigen_lr"]
+        super().step()
+        if self.projection is not None:
+            self.projection()
+        self.step_count += 1
+        return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["tnt_step_count"] = self.step_count
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.step_count = int(state_dict.pop("tnt_step_count", 0))
+        super().load_state_dict(state_dict)
+
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """Adam's moments and step count per canonical name (`<name>.exp_avg`, ...), float32
+        numpy copies; zeros before the first step."""
+        out = {}
+        for p, name in self.name_of.items():
+            st = self.state.get(p, {})
+            for key in ADAM_KEYS:
+                value = st.get(key)
+                if value is None:
+                    value = torch.zeros(() if key == "step" else p.shape)
+                value = torch.as_tensor(value, dtype=torch.float32)
+                out[f"{name}.{key}"] = value.detach().cpu().numpy().copy()
+        return out
+
+    def load_canonical_state(self, arrays: dict[str, np.ndarray], step_count: int) -> None:
+        """Inverse of `canonical_state`; every name must be present with the parameter's shape."""
+        expected = {f"{n}.{k}" for n in self.names for k in ADAM_KEYS}
+        missing = sorted(expected - set(arrays))
+        extra = sorted(set(arrays) - expected)
+        if missing or extra:
+            raise KeyError(f"optimizer state does not match the model: missing {missing[:8]}, "
+                           f"unexpected {extra[:8]}")
+        for p, name in self.name_of.items():
+            st = {}
+            for key in ADAM_KEYS:
+                a = np.asarray(arrays[f"{name}.{key}"], dtype=np.float32)
+                want = () if key == "step" else tuple(p.shape)
+                if a.shape != want:
+                    raise ValueError(f"optimizer state {name}.{key} has shape {a.shape}, "
+                                     f"expected {want}")
+                on_param = key != "step" or self.defaults.get("fused")
+                st[key] = torch.tensor(a, device=p.device if on_param else "cpu")
+            self.state[p] = st
+        self.step_count = int(step_count)
+
+
+def build_optimizer(model: nn.Module, model_cfg: ModelConfig,
+                    train_cfg: TrainConfig) -> TnTOptimizer:
+    """The full TnT optimizer for a model (see `TnTOptimizer`)."""
+    return TnTOptimizer(model, model_cfg, train_cfg)

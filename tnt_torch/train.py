@@ -1,0 +1,112 @@
+"""The torch train step and the torch backend of `experiments.pretrain` (mirror of
+`tnt_jax/train.py`).
+
+The train state is the model (canonical parameters), the `TnTOptimizer` (Adam moments, eigen
+LRs, schedule position) and its step count. One `step()` is forward, backward and the full TnT
+update (clip, AdamW with eigen LRs, schedule, unit-norm projection).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from tnt.checkpoint_meta import make_meta
+from tnt.config import RunConfig
+from tnt.data import check_token_ids
+from tnt_torch import checkpoint
+from tnt_torch.generate import greedy
+from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
+from tnt_torch.optim import TnTOptimizer
+
+
+def configure_threads() -> None:
+    """Use every core for intra-op parallelism on the CPU unless the user chose otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if n and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+class TorchBackend:
+    """What `experiments.pretrain` needs from a framework: init, step, evaluate, save, restore."""
+
+    name = "torch"
+
+    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None) -> None:
+        configure_threads()
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
+        self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
+        self.directory, self.keep = None, None
+
+    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in batch.items():
+            check_token_ids(value, self.cfg.model.vocab_size, key)
+            out[key] = torch.as_tensor(np.asarray(value, np.int64), device=self.device)
+        return out
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        self.net.train()
+        loss, count = loss_fn(self.net, self._put(batch))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach(), "grad_norm": self.opt.last_grad_norm, "tokens": count}
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        """Token-weighted mean loss over `batches`."""
+        self.net.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            loss, c = loss_fn(self.net, self._put(batch))
+            total, count = total + float(loss) * int(c), count + int(c)
+        return total / max(count, 1)
+
+    @property
+    def step_count(self) -> int:
+        return self.opt.step_count
+
+    def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Some parameters as numpy (e.g. the alphas for logging)."""
+        named = dict(self.net.named_parameters())
+        return {n: named[n].detach().cpu().numpy().copy() for n in names}
+
+    def model(self) -> TnT:
+        return self.net
+
+    def open(self, directory, keep: int) -> None:
+        self.directory, self.keep = directory, keep
+
+    def save(self, tokenizer_spec: dict) -> None:
+        if self.directory is None:
+            raise RuntimeError("call open(directory, keep) before save()")
+        step = self.step_count
+        meta = make_meta(self.name, step, self.cfg, tokenizer_spec)
+        checkpoint.save(self.directory, step, to_canonical(self.net), self.opt.canonical_state(),
+                        meta, self.keep)
+
+    def wait(self) -> None:
+        """Saves are synchronous; nothing to wait for."""
+
+    @staticmethod
+    def read_meta(path) -> dict:
+        return checkpoint.read_meta(path)[2]
+
+    def restore(self, path) -> dict:
+        params, opt_state, meta = checkpoint.restore(path, self.cfg.model)
+        load_canonical(self.net, params)
+        try:
+            self.opt.load_canonical_state(opt_state, meta["step"])
+        except (KeyError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from e
+        return meta
+
+    def sample(self, enc_tokens: np.ndarray | None, prefix: np.ndarray, n: int) -> np.ndarray:
+        self.net.eval()
+        return greedy(self.net, enc_tokens, prefix, n)
