@@ -81,8 +81,9 @@ def unit_norm_projection(axis: Callable[[str], int | None]) -> optax.GradientTra
 def lr_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
     """The shared schedule (tnt.schedule) as an optax schedule, by table lookup."""
     t = train_cfg.resolved(model_cfg.norm)
-    table = jnp.asarray(learning_rate_table(t.lr, t.min_lr, t.warmup_steps, t.horizon,
-                                            max(t.horizon, t.max_steps) + 1))
+    # Past max(warmup, horizon) the rate is constant (min_lr), so the table's last entry serves.
+    length = max(t.horizon, t.warmup_steps, t.max_steps) + 2
+    table = jnp.asarray(learning_rate_table(t.lr, t.min_lr, t.warmup_steps, t.horizon, length))
     return lambda count: table[jnp.minimum(count, table.shape[0] - 1)]
 
 

@@ -1,0 +1,84 @@
+import pytest
+
+from tnt.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_run_config
+from tnt.params import param_specs
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"d_model": 30, "n_heads": 4}, "not divisible by n_heads"),
+    ({"d_model": 24, "n_heads": 8}, "must be even"),
+    ({"arch": "encoder"}, "unknown arch"),
+    ({"norm": "layernorm"}, "unknown norm"),
+    ({"activation": "relu"}, "unknown activation"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"pad_id": 500}, "pad_id=500"),
+])
+def test_invalid_model_config_names_the_problem(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig(**kwargs)
+
+
+def test_invalid_train_config_names_the_field():
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        TrainConfig(tokenizer="wordpiece")
+
+
+def test_seq_len_longer_than_model_maximum_is_refused():
+    with pytest.raises(ConfigError, match="seq_len=64 exceeds"):
+        RunConfig(ModelConfig(max_len_decoder=32), TrainConfig(seq_len=64))
+
+
+def test_build_run_config_overrides_and_sets():
+    cfg = build_run_config("cpu", {"arch": "decoder_only", "lr": None},
+                           ["d_model=64", "model.n_heads=2", "train.lr=0.01", "warmup_steps=none"])
+    assert cfg.model.arch == "decoder_only" and cfg.model.d_model == 64
+    assert cfg.model.n_heads == 2 and cfg.train.lr == 0.01 and cfg.train.warmup_steps is None
+    with pytest.raises(ConfigError, match="unknown config field 'dmodel'"):
+        build_run_config("cpu", sets=["dmodel=3"])
+    with pytest.raises(ConfigError, match="not a valid int"):
+        build_run_config("cpu", sets=["d_model=big"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_run_config("tpu-huge")
+
+
+def test_norm_defaults_follow_design():
+    ngpt = TrainConfig().resolved("ngpt")
+    base = TrainConfig().resolved("rmsnorm")
+    assert (ngpt.lr, ngpt.warmup_steps, ngpt.weight_decay) == (15e-4, 0, 0.0)
+    assert (base.lr, base.warmup_steps, base.weight_decay) == (6e-4, 100, 0.1)
+
+
+def test_config_roundtrips_through_dict():
+    cfg = build_run_config("cpu-tiny", sets=["norm=rmsnorm"])
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown model config field"):
+        RunConfig.from_dict({"model": {"bogus": 1}, "train": {}})
+
+
+@pytest.mark.parametrize("preset", ["ngpt-0.5b", "ngpt-1b"])
+def test_paper_presets_have_paper_sizes(preset):
+    cfg = build_run_config(preset)
+    n = sum(int(__import__("math").prod(s.shape)) for s in param_specs(cfg.model).values())
+    expected = {"ngpt-0.5b": 0.5e9, "ngpt-1b": 1.0e9}[preset]
+    assert 0.6 * expected < n < 1.6 * expected
+
+
+def test_param_table_eigen_lrs_and_axes():
+    cfg = ModelConfig(d_model=64, n_heads=4)
+    specs = param_specs(cfg)
+    assert specs["decoder.layers.0.attn.alpha"].eigen_lr == pytest.approx(0.05 * 8)
+    assert specs["decoder.layers.0.cross.s_qk"].eigen_lr == pytest.approx(8)
+    assert specs["decoder.layers.0.mlp.s_uv"].eigen_lr == 1.0
+    assert specs["s_z"].eigen_lr == pytest.approx(8)
+    assert specs["encoder.embed"].project_axis == 1
+    assert specs["decoder.layers.1.attn.wq"].project_axis == 0
+    assert specs["decoder.layers.1.cross.wo"].project_axis == 1
+    assert specs["decoder.layers.1.mlp.w_out"].project_axis == 1
+    assert specs["lm_head"].project_axis == 0
+    assert not any(s.weight_decay for s in specs.values())
+    base = param_specs(ModelConfig(norm="rmsnorm"))
+    assert all(s.project_axis is None for s in base.values())
+    assert {n for n, s in base.items() if s.weight_decay} == {n for n, s in base.items()
+                                                              if s.is_matrix}

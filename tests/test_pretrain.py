@@ -1,0 +1,101 @@
+"""`python -m experiments.pretrain` end to end on tiny configs: run dir, TensorBoard events,
+checkpoints, exact resume, and refusals that leave what was written untouched."""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from experiments.pretrain import main
+
+BACKENDS = ["jax", "torch"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
+    return str(root)
+
+
+def run(corpus, out, backend, *extra):
+    args = ["--backend", backend, "--preset", "cpu-tiny", "--data", corpus, "--out", str(out),
+            "--max-steps", "6", "--eval-every", "3", "--ckpt-every", "3", "--seq-len", "16",
+            "--set", "eval_batches=2", "--set", "log_every=2", "--set", "sample_tokens=4",
+            *extra]
+    return main(args)
+
+
+def final_params(backend, run_dir):
+    module = importlib.import_module(f"tnt_{backend}")
+    model, cfg, _ = module.load_checkpoint(run_dir)
+    return module.to_canonical(model), cfg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_writes_events_checkpoints_and_reports(backend, corpus, tmp_path, capsys):
+    assert run(corpus, tmp_path / "run", backend) == 0
+    out = capsys.readouterr().out
+    assert "final val loss" in out and "sample:" in out
+    assert (tmp_path / "run" / "config.json").is_file()
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == ["3", "6"]
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_sec", "train/grad_norm",
+            "val/loss"} <= tags
+    assert "alpha/decoder.layers.0.attn.alpha" in tags
+    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    assert all(np.isfinite(e.value) for e in acc.Scalars("train/loss"))
+    params, cfg = final_params(backend, tmp_path / "run")
+    assert cfg.train.max_steps == 6 and cfg.model.vocab_size == 259
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_equals_an_uninterrupted_run(backend, corpus, tmp_path):
+    horizon = ["--set", "decay_steps=6"]  # the same schedule whether the run stops at 3 or 6
+    assert run(corpus, tmp_path / "full", backend, *horizon) == 0
+    assert run(corpus, tmp_path / "cut", backend, *horizon, "--max-steps", "3") == 0
+    assert run(corpus, tmp_path / "cut", backend, *horizon, "--resume") == 0
+    full, _ = final_params(backend, tmp_path / "full")
+    resumed, _ = final_params(backend, tmp_path / "cut")
+    for name in full:
+        np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refusals_leave_existing_runs_untouched(backend, corpus, tmp_path, capsys):
+    assert run(corpus, tmp_path / "run", backend, "--max-steps", "3") == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert run(corpus, tmp_path / "run", backend) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert run(corpus, tmp_path / "run", backend, "--resume", "--set", "d_model=32") == 2
+    assert "d_model: 32 != 64" in capsys.readouterr().err
+    assert run(corpus, tmp_path / "run", backend, "--resume", "--seed", "5") == 2
+    assert "seed: 5 != 0" in capsys.readouterr().err
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_paths_are_named(backend, corpus, tmp_path, capsys):
+    assert run(str(tmp_path / "nope"), tmp_path / "run", backend) == 2
+    assert "data path" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert run(corpus, tmp_path / "empty", backend, "--resume") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert run(corpus, tmp_path / "run2", backend, "--max-steps", "3") == 0
+    ckpt = tmp_path / "run2" / "checkpoints" / "3"
+    for f in [p for p in ckpt.rglob("*") if p.is_file() and "meta" in p.parts]:
+        f.write_text("{ corrupt")
+    assert run(corpus, tmp_path / "run2", backend, "--resume") == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_refused(corpus, tmp_path):
+    with pytest.raises(SystemExit):
+        run(corpus, tmp_path / "run", "tensorflow")
+    assert not os.path.exists(tmp_path / "run")
