@@ -72,9 +72,7 @@ def resume_config(saved: RunConfig, args: argparse.Namespace) -> RunConfig:
     """The saved config with the explicitly given flags applied; refuse changes that break resume."""
     values = {**dataclasses.asdict(saved.model), **dataclasses.asdict(saved.train),
               **explicit_overrides(args)}
-    values.update(parse_set(s) for s in args.set)
-    cfg = build_run_config("cpu", {k: v for k, v in values.items() if k not in dict(
-        parse_set(s) for s in args.set)}, args.set)
+    cfg = build_run_config("cpu", values, args.set)
     diff = config_differences(cfg.model, saved.model) + [
         d for d in config_differences(cfg.train, saved.train) if d.split(":")[0] not in RESUMABLE]
     if diff:

@@ -1,8 +1,18 @@
 import numpy as np
 import pytest
 
-from tnt.data import (BatchSpec, Batches, DataError, check_token_ids, is_val_file, load_corpus,
-                      read_token_dir, split_documents, text_files, write_token_dir)
+from tnt.data import (
+    Batches,
+    BatchSpec,
+    DataError,
+    check_token_ids,
+    is_val_file,
+    load_corpus,
+    read_token_dir,
+    split_documents,
+    text_files,
+    write_token_dir,
+)
 from tnt.tokenizer import BOS_ID, EOS_ID, BPETokenizer, ByteTokenizer, tokenizer_from_spec
 
 
@@ -72,8 +82,9 @@ def test_batches_follow_the_objectives_and_are_reproducible():
     do = Batches(BatchSpec("decoder_only", 4, 8, 0, BOS_ID), stream, stream, seed=1)
     d = do.train_batch(0)
     assert (d["labels"] == d["dec_tokens"] + 1).all() and "enc_tokens" not in d
-    evals = [e["labels"] for e in do.eval_batches(3)]
-    assert len(evals) == 3 and all((x == y).all() for x, y in zip(evals, (e["labels"] for e in do.eval_batches(3))))
+    first = [e["labels"] for e in do.eval_batches(3)]
+    second = [e["labels"] for e in do.eval_batches(3)]
+    assert len(first) == 3 and all((x == y).all() for x, y in zip(first, second, strict=True))
 
 
 def test_prepared_token_folder_is_memory_mapped(tmp_path):
@@ -105,3 +116,24 @@ def test_out_of_range_token_ids_are_reported_with_position():
         check_token_ids(np.array([[0, 5], [40, 1]]), 40, "tokens")
     with pytest.raises(ValueError, match="token id -1"):
         check_token_ids(np.array([-1]), 40)
+
+
+def test_prepare_then_pretrain_reads_the_token_folder(tmp_path, capsys):
+    from experiments.prepare import main as prepare
+    from experiments.pretrain import main as pretrain
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"m{i}.py").write_text(f"x{i} = {i}\n" * 40)
+    assert prepare(["--data", str(src), "--out", str(tmp_path / "tok"), "--tokenizer", "bpe",
+                    "--bpe-vocab-size", "300"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert pretrain(["--preset", "cpu-tiny", "--data", str(tmp_path / "tok"), "--max-steps", "2",
+                     "--seq-len", "8", "--out", str(tmp_path / "run"), "--set", "eval_batches=1",
+                     "--set", "sample_tokens=2"]) == 0
+    from tnt_jax import load_checkpoint
+
+    _, cfg, tok = load_checkpoint(tmp_path / "run")
+    assert tok.spec["kind"] == "bpe" and cfg.model.vocab_size == tok.vocab_size <= 300
+    assert prepare(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

@@ -7,9 +7,17 @@ import pytest
 from conftest import ARCH_NORMS, random_tokens, tiny_config
 from flax import nnx
 
-from tnt_jax.model import (TnT, apply_rope, attend, load_canonical, merge_params, rope_tables,
-                           split_params, to_canonical)
 from tnt.params import param_specs
+from tnt_jax.model import (
+    TnT,
+    apply_rope,
+    attend,
+    load_canonical,
+    merge_params,
+    rope_tables,
+    split_params,
+    to_canonical,
+)
 
 
 def make(arch="encoder_decoder", norm="ngpt", seed=0, **kw) -> TnT:

@@ -7,7 +7,6 @@ sampling; this full-recompute loop is the reference they are checked against.)
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
