@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tnt.checkpoint_io import read_canonical
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
 from tnt.config import ModelConfig, RunConfig
-from tnt.params import check_canonical
 from tnt.tokenizer import tokenizer_from_spec
 from tnt_jax.model import TnT, load_canonical
 
@@ -95,13 +95,16 @@ def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return {k: np.asarray(v) for k, v in state["params"].items()}, meta
 
 
-def load_checkpoint(path: str | Path):
-    """(model, run config, tokenizer) from a checkpoint written by `experiments.pretrain`."""
-    params, meta = read_params(path)
+def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
+    """(model, run config, tokenizer) from a checkpoint written by either backend's pretrain.
+
+    `path` is a run dir, its `checkpoints` folder or one step folder. With `expect`, a checkpoint
+    whose model config differs is refused, naming the fields.
+    """
+    params, meta = read_canonical(path)
     cfg = RunConfig.from_dict(meta["config"])
-    try:
-        check_canonical(params, cfg.model)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} does not match its own config: {e}") from e
+    if expect is not None and (diff := config_differences(cfg.model, expect)):
+        raise CheckpointError(f"checkpoint {path} does not match the expected model: "
+                              + "; ".join(diff))
     model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
     return model, cfg, tokenizer_from_spec(meta["tokenizer"])
