@@ -22,15 +22,14 @@ from tnt.params import ParamSpec, check_canonical, param_specs
 
 
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """`x / max(||x||, 1e-12)` along `dim` (F.normalize; tnt_jax.model.l2norm is the same)."""
-    return F.normalize(x, dim=dim, eps=1e-12)
+    """`x / max(||x||, 1e-12)` along `dim`: F.normalize's formula (tnt_jax.model.l2norm is the
+    same), written out because F.normalize divides by an `expand_as` view, ~20x slower on CPU."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(1e-12)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm computed in float32 (DESIGN.md, rmsnorm baseline)."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
-    return (y * scale).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(x.dtype)
 
 
 def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,11 +41,20 @@ def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, 
             torch.from_numpy(np.sin(angles).astype(np.float32)))
 
 
-def apply_rope(x_BxHxLxK: torch.Tensor, cos_LxK2: torch.Tensor,
-               sin_LxK2: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + dh/2]) by angle pos * freq_i (the "rotate half" convention)."""
-    x1, x2 = x_BxHxLxK.chunk(2, dim=-1)
-    return torch.cat([x1 * cos_LxK2 - x2 * sin_LxK2, x2 * cos_LxK2 + x1 * sin_LxK2], dim=-1)
+def rope_full(cos_LxK2: torch.Tensor, sin_LxK2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables over the whole head dim, `[cos, cos]` and `[-sin, sin]` [L, dh], for
+    `apply_rope`'s three-op form."""
+    return torch.cat([cos_LxK2, cos_LxK2], -1), torch.cat([-sin_LxK2, sin_LxK2], -1)
+
+
+def apply_rope(x: torch.Tensor, cos_LxK: torch.Tensor, sin_LxK: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + dh/2]) by angle pos * freq_i (the "rotate half" convention):
+    `[x1 cos - x2 sin, x2 cos + x1 sin]`, the same arithmetic as tnt_jax.model.apply_rope.
+
+    `x` is [..., L, dh] after broadcasting `cos_LxK`, `sin_LxK` (from `rope_full`) against it.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos_LxK + torch.cat([x2, x1], dim=-1) * sin_LxK
 
 
 class Mask:
@@ -86,7 +94,11 @@ def _init(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; with ngpt, q and k are unit-normalized per head and scaled by s_qk."""
+    """Multi-head attention; with ngpt, q and k are unit-normalized per head and scaled by s_qk.
+
+    Self-attention multiplies by `[wq | wk | wv]` in one matmul and rotates/normalizes q and k as
+    one tensor; cross-attention does the same for `[wk | wv]` on the encoder output.
+    """
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, rope: bool):
         super().__init__()
@@ -99,24 +111,30 @@ class Attention(nn.Module):
             self.s_qk = _init(specs[f"{prefix}.s_qk"], gen)
         self.scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
 
-    def _heads(self, t_BxLxD: torch.Tensor) -> torch.Tensor:
-        B, L, _ = t_BxLxD.shape
-        return t_BxLxD.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+    def _qk(self, t_BxLxNxHxK: torch.Tensor, rope) -> torch.Tensor:
+        """RoPE (self-attention) and, for ngpt, `s_qk * norm_dh(.)` on stacked q and/or k."""
+        if self.rope:
+            cos_LxK, sin_LxK = rope
+            L = t_BxLxNxHxK.shape[1]
+            t_BxLxNxHxK = apply_rope(t_BxLxNxHxK, cos_LxK[:L, None, None],
+                                     sin_LxK[:L, None, None])
+        if self.ngpt:
+            t_BxLxNxHxK = l2norm(t_BxLxNxHxK) * self.s_qk.view(self.n_heads, self.head_dim)
+        return t_BxLxNxHxK
 
     def forward(self, x_BxLxD, kv_BxSxD, mask: Mask, rope=None) -> torch.Tensor:
         B, L, D = x_BxLxD.shape
-        q = self._heads(x_BxLxD @ self.wq)
-        k = self._heads(kv_BxSxD @ self.wk)
-        v = self._heads(kv_BxSxD @ self.wv)
-        if self.rope:
-            cos, sin = rope
-            S = k.shape[2]
-            q = apply_rope(q, cos[:L], sin[:L])
-            k = apply_rope(k, cos[:S], sin[:S])
-        if self.ngpt:
-            s_qk = self.s_qk.view(self.n_heads, 1, self.head_dim)
-            q, k = s_qk * l2norm(q), s_qk * l2norm(k)
-        y = attend(q, k, v, mask, self.scale)
+        H, K = self.n_heads, self.head_dim
+        if kv_BxSxD is x_BxLxD:
+            qkv = (x_BxLxD @ torch.cat([self.wq, self.wk, self.wv], 1)).view(B, L, 3, H, K)
+            qk = self._qk(qkv[:, :, :2], rope)
+            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        else:
+            S = kv_BxSxD.shape[1]
+            q = self._qk((x_BxLxD @ self.wq).view(B, L, 1, H, K), rope)[:, :, 0]
+            kv = (kv_BxSxD @ torch.cat([self.wk, self.wv], 1)).view(B, S, 2, H, K)
+            k, v = self._qk(kv[:, :, :1], rope)[:, :, 0], kv[:, :, 1]
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
         return y.transpose(1, 2).reshape(B, L, D) @ self.wo
 
 
@@ -135,10 +153,10 @@ class MLP(nn.Module):
             self.s_uv = _init(specs[f"{prefix}.s_uv"], gen)
 
     def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
-        uv = x_BxLxD @ self.w_in
-        if self.ngpt:
-            uv = uv * (self.s_uv * self.sqrt_d)
-        u, v = uv.split(self.hidden, dim=-1)
+        # ngpt: (x @ w_in) * s_uv*sqrt(d) computed as x @ (w_in * s_uv*sqrt(d)), a [d, 2F]
+        # product instead of a [B, L, 2F] one (equal up to rounding).
+        w_in = self.w_in * (self.s_uv * self.sqrt_d) if self.ngpt else self.w_in
+        u, v = (x_BxLxD @ w_in).split(self.hidden, dim=-1)
         act = F.gelu(v, approximate="none") if self.activation == "gelu" else F.silu(v)
         return (u * act) @ self.w_out
 
@@ -178,10 +196,8 @@ class Block(nn.Module):
         return self._residual(h, self.mlp, "mlp_norm", self.mlp)
 
     def _residual(self, h, sub: nn.Module, norm_name: str, fn) -> torch.Tensor:
-        if self.ngpt:
-            alpha = sub.alpha.abs()
-            h = l2norm(h)
-            return l2norm(h + alpha * (l2norm(fn(h)) - h))
+        if self.ngpt:  # h is unit-norm already (Stack normalizes the embedding rows once)
+            return l2norm(torch.lerp(h, l2norm(fn(h)), sub.alpha.abs()))
         return h + fn(getattr(self, norm_name)(h))
 
 
@@ -198,6 +214,8 @@ class Stack(nn.Module):
 
     def forward(self, tokens_BxL, self_mask: Mask, rope, enc=None, cross_mask=None):
         h = F.embedding(tokens_BxL, self.embed)
+        if self.final_norm is None:  # ngpt: norm(h) once; every block's output is unit-norm
+            h = l2norm(h)
         for layer in self.layers:
             h = layer(h, self_mask, rope, enc, cross_mask)
         return h if self.final_norm is None else self.final_norm(h)
@@ -241,7 +259,7 @@ class TnT(nn.Module):
     def rope(self, length: int, device: torch.device):
         key = (length, device)
         if key not in self._rope_cache:
-            cos, sin = rope_tables(length, self.cfg.head_dim, self.cfg.rope_base)
+            cos, sin = rope_full(*rope_tables(length, self.cfg.head_dim, self.cfg.rope_base))
             self._rope_cache[key] = (cos.to(device), sin.to(device))
         return self._rope_cache[key]
 
@@ -275,10 +293,9 @@ class TnT(nn.Module):
             cross_mask = Mask(False, None if enc_valid is None else
                               enc_valid[:, None, None, :].expand(-1, 1, L, -1))
         h = self.decoder(dec_tokens_BxL, self_mask, self.rope(L, device), enc_BxSxD, cross_mask)
-        logits = (h @ self.lm_head).float()
-        if self.cfg.norm == "ngpt":
-            logits = logits * self.s_z
-        return logits
+        if self.cfg.norm == "ngpt":  # s_z * (h @ lm_head), as h @ (lm_head * s_z): [d, V] not [B, L, V]
+            return (h @ (self.lm_head * self.s_z)).float()
+        return (h @ self.lm_head).float()
 
     def forward(self, enc_tokens_BxS, dec_tokens_BxL) -> torch.Tensor:
         if self.cfg.has_encoder:

@@ -1,0 +1,146 @@
+"""tnt_torch.model: masks, causality, padding, validation, canonical export/import."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import ARCH_NORMS, random_tokens, tiny_config
+from tnt.params import param_specs
+from tnt_torch.model import Mask, TnT, attend, l2norm, load_canonical, loss_fn, to_canonical
+
+
+def logits_of(model: TnT, enc: np.ndarray | None, dec: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        e = None if enc is None else torch.from_numpy(enc)
+        return model(e, torch.from_numpy(dec)).numpy()
+
+
+def inputs(cfg, rng, batch=2, enc_len=10, dec_len=8):
+    enc = random_tokens(rng, (batch, enc_len)) if cfg.has_encoder else None
+    return enc, random_tokens(rng, (batch, dec_len))
+
+
+@pytest.mark.parametrize("arch,norm", ARCH_NORMS)
+def test_causal_later_decoder_token_does_not_change_earlier_logits(arch, norm, rng):
+    cfg = tiny_config(arch, norm)
+    model = TnT(cfg, seed=0)
+    enc, dec = inputs(cfg, rng)
+    before = logits_of(model, enc, dec)
+    dec2 = dec.copy()
+    dec2[:, 5] = (dec2[:, 5] + 1 - 3) % (cfg.vocab_size - 3) + 3
+    after = logits_of(model, enc, dec2)
+    np.testing.assert_allclose(after[:, :5], before[:, :5], atol=1e-6)
+    assert np.abs(after[:, 5:] - before[:, 5:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch,norm", ARCH_NORMS)
+def test_extra_padding_changes_nothing_else(arch, norm, rng):
+    cfg = tiny_config(arch, norm)
+    model = TnT(cfg, seed=1)
+    enc, dec = inputs(cfg, rng)
+    base = logits_of(model, enc, dec)
+    pad_dec = np.concatenate([dec, np.zeros((2, 4), np.int32)], axis=1)
+    pad_enc = None if enc is None else np.concatenate([enc, np.zeros((2, 5), np.int32)], axis=1)
+    padded = logits_of(model, pad_enc, pad_dec)
+    np.testing.assert_allclose(padded[:, :dec.shape[1]], base, atol=2e-6)
+    assert np.isfinite(padded).all()
+
+
+@pytest.mark.parametrize("norm", ["ngpt", "rmsnorm"])
+def test_encoder_output_reaches_decoder(norm, rng):
+    cfg = tiny_config("encoder_decoder", norm)
+    model = TnT(cfg, seed=2)
+    enc, dec = inputs(cfg, rng)
+    enc2 = random_tokens(rng, enc.shape)
+    assert np.abs(logits_of(model, enc, dec) - logits_of(model, enc2, dec)).max() > 1e-4
+
+
+def test_fully_masked_query_rows_are_exactly_zero_and_finite():
+    q, k, v = (torch.randn(2, 2, 3, 4) for _ in range(3))
+    keep = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    keep[0, :, 1] = False  # batch 0, query 1 sees no key
+    y = attend(q, k, v, Mask(False, keep), 0.5)
+    assert torch.all(y[0, :, 1] == 0)
+    assert torch.isfinite(y).all()
+    # A fully padded encoder sequence, and a decoder that starts with pad: no NaN anywhere.
+    cfg = tiny_config("encoder_decoder", "ngpt")
+    model = TnT(cfg, seed=0)
+    enc = np.zeros((2, 6), np.int32)
+    enc[1] = 5
+    dec = np.array([[0, 5, 6, 7], [4, 5, 6, 0]], np.int32)
+    enc_t = torch.from_numpy(enc)
+    out = model.encode(enc_t)
+    assert torch.isfinite(out).all()
+    batch = {"enc_tokens": enc_t, "dec_tokens": torch.from_numpy(dec),
+             "labels": torch.from_numpy(dec)}
+    loss, count = loss_fn(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and int(count) == 6
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_l2norm_matches_f_normalize():
+    x = torch.randn(5, 7)
+    x[2] = 0
+    torch.testing.assert_close(l2norm(x), F.normalize(x, dim=-1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(l2norm(x, 0), F.normalize(x, dim=0), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch,norm", ARCH_NORMS)
+def test_init_follows_the_shared_table(arch, norm):
+    cfg = tiny_config(arch, norm)
+    params = to_canonical(TnT(cfg, seed=0))
+    specs = param_specs(cfg)
+    assert list(params) == list(specs)
+    for name, spec in specs.items():
+        p = params[name]
+        assert p.shape == spec.shape and p.dtype == np.float32
+        if spec.init_std is None:
+            assert np.all(p == spec.init_value), name
+        elif spec.project_axis is not None:
+            np.testing.assert_allclose(np.linalg.norm(p, axis=spec.project_axis), 1.0, atol=1e-6)
+        else:
+            assert abs(p.std() - spec.init_std) < 0.3 * spec.init_std, name
+
+
+def test_same_seed_same_init_and_different_seed_differs():
+    cfg = tiny_config()
+    a, b, c = (to_canonical(TnT(cfg, seed=s)) for s in (3, 3, 4))
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    assert not np.array_equal(a["decoder.embed"], c["decoder.embed"])
+
+
+def test_canonical_round_trip_and_clear_errors():
+    cfg = tiny_config()
+    src, dst = TnT(cfg, seed=0), TnT(cfg, seed=1)
+    params = to_canonical(src)
+    load_canonical(dst, params)
+    assert all(np.array_equal(v, to_canonical(dst)[n]) for n, v in params.items())
+    with pytest.raises(KeyError, match="missing: decoder.embed"):
+        load_canonical(dst, {k: v for k, v in params.items() if k != "decoder.embed"})
+    with pytest.raises(KeyError, match="unexpected: extra.w"):
+        load_canonical(dst, {**params, "extra.w": np.zeros(3)})
+    with pytest.raises(ValueError, match="lm_head has shape"):
+        load_canonical(dst, {**params, "lm_head": params["lm_head"].T})
+
+
+def test_bad_inputs_raise_value_errors_naming_the_input(rng):
+    cfg = tiny_config()
+    model = TnT(cfg, seed=0)
+    enc, dec = inputs(cfg, rng)
+    bad = dec.copy()
+    bad[1, 2] = cfg.vocab_size
+    with pytest.raises(ValueError, match=r"dec_tokens contain token id 40 at index \(1, 2\)"):
+        model(torch.from_numpy(enc), torch.from_numpy(bad))
+    with pytest.raises(ValueError, match="enc_tokens contain token id -"):
+        model(torch.from_numpy(enc - 10), torch.from_numpy(dec))
+    with pytest.raises(ValueError, match="dec_tokens has length 17, longer than the model's "
+                                         "maximum 16"):
+        model(torch.from_numpy(enc), torch.from_numpy(random_tokens(rng, (1, 17))))
+    with pytest.raises(ValueError, match="enc_tokens has length 20"):
+        model(torch.from_numpy(random_tokens(rng, (1, 20))), torch.from_numpy(dec[:1]))
+    with pytest.raises(ValueError, match="needs enc_tokens"):
+        model(None, torch.from_numpy(dec))
