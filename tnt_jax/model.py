@@ -46,13 +46,36 @@ def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU `x/2 (1 + erf(x/sqrt 2))`, torch's formula. `jax.nn.gelu(approximate=False)`
+    computes the same function through erfc, which is markedly slower on the CPU."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@jax.custom_vjp
+def split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x[..., :n], x[..., n:]` for n = half the last axis. The gradient is the concatenation of
+    the two cotangents (XLA would build it as pad + pad + add, a third more memory traffic)."""
+    n = x.shape[-1] // 2
+    return x[..., :n], x[..., n:]
+
+
+split_halves.defvjp(lambda x: (split_halves(x), None),
+                    lambda _, cotangents: (jnp.concatenate(cotangents, axis=-1),))
+
+
 def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS, scale: float) -> jax.Array:
-    """Softmax attention; a query row whose keys are all masked outputs exactly 0 (DESIGN.md)."""
-    logits = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK) * scale
+    """Softmax attention; a query row whose keys are all masked outputs exactly 0 (DESIGN.md).
+
+    The scale multiplies q (L*dh numbers) rather than the logits (L*S); masked logits are set to
+    the float minimum, so a fully masked row is a uniform softmax, zeroed on the output.
+    """
+    logits = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * scale, k_BxSxHxK)
     mask = mask_BxLxS[:, None]
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    return jnp.einsum("bhls,bshk->blhk", probs, v_BxSxHxK)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min), axis=-1)
+    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", probs, v_BxSxHxK)
+    has_key_BxLx1x1 = jnp.any(mask_BxLxS, axis=-1)[:, :, None, None]
+    return jnp.where(has_key_BxLx1x1, y_BxLxHxK, 0.0)
 
 
 def _param(specs: dict[str, ParamSpec], name: str, rngs: nnx.Rngs) -> nnx.Param:
@@ -111,11 +134,11 @@ class MLP(nnx.Module):
             self.s_uv = _param(specs, f"{prefix}.s_uv", rngs)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        uv = x_BxLxD @ self.w_in[...]
-        if self.ngpt:
-            uv = uv * (self.s_uv[...] * math.sqrt(self.d_model))
-        u, v = uv[..., :self.hidden], uv[..., self.hidden:]
-        act = jax.nn.gelu(v, approximate=False) if self.activation == "gelu" else jax.nn.silu(v)
+        w_in = self.w_in[...]
+        if self.ngpt:  # (x @ w) * s == x @ (w * s) for a per-column s: scale d*2F, not B*L*2F
+            w_in = w_in * (self.s_uv[...] * math.sqrt(self.d_model))
+        u, v = split_halves(x_BxLxD @ w_in)
+        act = gelu(v) if self.activation == "gelu" else jax.nn.silu(v)
         return (u * act) @ self.w_out[...]
 
 
@@ -132,7 +155,12 @@ class Scale(nnx.Module):
 class Block(nnx.Module):
     """Self-attention, optional cross-attention, MLP, each joined to the stream by the residual
     update of the norm: nGPT's normalized interpolation `norm(h + |alpha| (norm(f) - h))`, or the
-    pre-norm `h + f(rmsnorm(h))`."""
+    pre-norm `h + f(rmsnorm(h))`.
+
+    With ngpt the input `h` must be unit-norm (`Stack` normalizes the embedding; every update
+    ends in a norm), so DESIGN.md's inner `norm(h)` is the identity up to float32 round-off and
+    is not recomputed. Its gradient is the identity on the tangent vectors it receives too.
+    """
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs, cross: bool):
         self.ngpt = cfg.norm == "ngpt"
@@ -153,7 +181,6 @@ class Block(nnx.Module):
     def _residual(self, h, name: str, fn) -> jax.Array:
         if self.ngpt:
             alpha = jnp.abs(getattr(self, name).alpha[...])
-            h = l2norm(h)
             return l2norm(h + alpha * (l2norm(fn(h)) - h))
         return h + fn(getattr(self, f"{name}_norm")(h))
 
@@ -170,6 +197,8 @@ class Stack(nnx.Module):
 
     def __call__(self, tokens_BxL, self_mask, rope, enc=None, cross_mask=None) -> jax.Array:
         h = jnp.take(self.embed[...], tokens_BxL, axis=0)
+        if self.final_norm is None:  # ngpt: the blocks take unit vectors (DESIGN.md's norm(h))
+            h = l2norm(h)
         for layer in self.layers:
             h = layer(h, self_mask, rope, enc, cross_mask)
         return h if self.final_norm is None else self.final_norm(h)
