@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
+from experiments.dynamics import Dynamics
 from tnt.checkpoint_meta import CheckpointError, config_differences
 from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config, parse_set
 from tnt.data import Batches, BatchSpec, DataError, load_corpus
@@ -35,7 +36,7 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
                "eval_every": "eval_every", "ckpt_every": "ckpt_every", "tokenizer": "tokenizer"}
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-             "log_every", "sample_tokens"}
+             "log_every", "analysis_every", "sample_tokens"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,12 +161,14 @@ def train(args: argparse.Namespace) -> float:
     writer = SummaryWriter(str(out / "tb"))
     t, spec = cfg.train.resolved(cfg.model.norm), corpus.tokenizer.spec
     alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
+    dynamics = Dynamics(cfg.model) if t.analysis_every else None
     start = backend.step_count
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
     val_loss = float("nan")
     bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     tick, tick_step = time.perf_counter(), start
+    began = tick
     for step in range(start, t.max_steps):
         metrics = backend.step(batches.train_batch(step))
         done = step + 1
@@ -185,7 +188,10 @@ def train(args: argparse.Namespace) -> float:
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = backend.evaluate(batches.eval_batches(t.eval_batches))
             writer.add_scalar("val/loss", val_loss, done)
+            writer.add_scalar("val/elapsed_sec", time.perf_counter() - began, done)
             bar.write(f"step {done}: val loss {val_loss:.4f}")
+        if dynamics and (done % t.analysis_every == 0 or done == t.max_steps):
+            dynamics.log(writer, backend, done)
         if done % t.ckpt_every == 0 or done == t.max_steps:
             backend.save(spec)
         bar.update(1)

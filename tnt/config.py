@@ -118,13 +118,14 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
+    analysis_every: int = 100  # TensorBoard dynamics (experiments/dynamics.py); 0 disables
     sample_tokens: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "seq_len", "eval_every", "eval_batches",
                      "ckpt_every", "keep_checkpoints", "log_every", "bpe_vocab_size"):
             _check_positive(name, getattr(self, name))
-        for name in ("enc_len", "decay_steps", "sample_tokens"):
+        for name in ("enc_len", "decay_steps", "sample_tokens", "analysis_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:

@@ -1,0 +1,83 @@
+"""Training dynamics in TensorBoard: every `analysis_every` steps, `experiments.pretrain` logs
+
+  dyn/alpha/<layer>.<block>       mean |alpha| (eigen learning rate) per layer and block (ngpt)
+  dyn/alpha_std/<layer>.<block>   its spread over d
+  dyn/scaler/<layer>.<s_qk|s_u|s_v|..._norm>, dyn/scaler/s_z   scaler means (stored values; the
+                                  MLP gate uses s_uv * sqrt(d)); the RMSNorm gains for rmsnorm
+  dyn/cond/<matrix>               condition number of each attention and MLP matrix
+  dyn/wnorm/<matrix>              Frobenius norm of each matrix; mean row norm of each embedding
+                                  (rmsnorm only: nGPT's embeddings are unit-norm by construction)
+  hist/<scaler>                   histograms of every scaler vector
+
+Cost: one host copy of the parameters involved and one SVD per matrix. For models with more than
+`max_cond_layers` layers per stack, condition numbers and weight norms cover only the first, the
+middle and the last layers (an evenly spaced subset), so the cost stays bounded; scalers, which are
+small vectors, are always logged for every layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tnt import analysis
+from tnt.config import ModelConfig
+from tnt.params import param_specs
+
+
+def chosen_layers(n: int, max_layers: int) -> list[int]:
+    """All layers when there are at most `max_layers`, else an evenly spaced subset incl. ends."""
+    if n <= max_layers:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, max_layers)})
+
+
+class Dynamics:
+    """Which arrays to fetch and how to log them; `log(writer, backend, step)` does one interval."""
+
+    def __init__(self, cfg: ModelConfig, max_cond_layers: int = 4) -> None:
+        specs = param_specs(cfg)
+        stacks = {s: chosen_layers(n, max_cond_layers) for s, n in analysis.layers(specs).items()}
+        self.scalers = analysis.scaler_names(specs)
+        self.matrices = analysis.matrix_names(specs, stacks)
+        # ngpt embeddings are unit-norm rows by construction; their norms only move for rmsnorm
+        self.embeddings = [] if cfg.norm == "ngpt" else analysis.embedding_names(specs)
+
+    @property
+    def names(self) -> list[str]:
+        return self.scalers + self.matrices + self.embeddings
+
+    def values(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """(scalars by tag, histograms by tag) for one interval."""
+        scalars: dict[str, float] = {}
+        hists: dict[str, np.ndarray] = {}
+        for name in self.scalers:
+            v = np.asarray(arrays[name], np.float64)
+            short = name.rsplit(".", 1)[0] if name.endswith(".scale") else name
+            if name.endswith(".alpha"):
+                a = np.abs(v)
+                base = name[: -len(".alpha")]
+                scalars[f"dyn/alpha/{base}"] = float(a.mean())
+                scalars[f"dyn/alpha_std/{base}"] = float(a.std())
+            elif name.endswith(".s_uv"):
+                s_u, s_v = analysis.split_s_uv(v)
+                base = name[: -len(".s_uv")]
+                scalars[f"dyn/scaler/{base}.s_u"] = float(s_u.mean())
+                scalars[f"dyn/scaler/{base}.s_v"] = float(s_v.mean())
+            else:
+                scalars[f"dyn/scaler/{short}"] = float(v.mean())
+            hists[f"hist/{name}"] = v
+        for name in self.matrices:
+            w = np.asarray(arrays[name], np.float64)
+            scalars[f"dyn/cond/{name}"] = analysis.condition_number(w)
+            scalars[f"dyn/wnorm/{name}"] = float(np.linalg.norm(w))
+        for name in self.embeddings:
+            norms = analysis.row_norms(analysis.embedding_rows(name, arrays[name]))
+            scalars[f"dyn/wnorm/{name}"] = float(norms.mean())
+        return scalars, hists
+
+    def log(self, writer, backend, step: int) -> None:
+        scalars, hists = self.values(backend.arrays(self.names))
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+        for tag, value in hists.items():
+            writer.add_histogram(tag, value, step)
