@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from tnt.checkpoint_io import read_canonical
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
 from tnt.config import ModelConfig, RunConfig
 from tnt.params import check_canonical
@@ -152,11 +153,19 @@ def restore(path: str | Path, expected: ModelConfig
     return params, optimizer, meta
 
 
-def load_checkpoint(path: str | Path):
-    """(model, run config, tokenizer) from a checkpoint written by the torch backend."""
+def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
+    """(model, run config, tokenizer) from a checkpoint written by either backend's pretrain
+    (read through `tnt.checkpoint_io`, which knows both layouts).
+
+    `path` is a run dir, its `checkpoints` folder or one step folder. With `expect`, a checkpoint
+    whose model config differs is refused, naming the fields.
+    """
     from tnt_torch.model import TnT, load_canonical
 
-    params, meta = read_params(path)
+    params, meta = read_canonical(path)
     cfg = RunConfig.from_dict(meta["config"])
+    if expect is not None and (diff := config_differences(cfg.model, expect)):
+        raise CheckpointError(f"checkpoint {path} does not match the expected model: "
+                              + "; ".join(diff))
     model = load_canonical(TnT(cfg.model), params)
     return model.eval(), cfg, tokenizer_from_spec(meta["tokenizer"])
