@@ -32,9 +32,21 @@ _LAYER = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.")
 # Single-array measures
 
 
-def condition_number(w: np.ndarray) -> float:
-    """sigma_max / sigma_min of a matrix (inf when it is rank deficient to float precision)."""
-    s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+def condition_number(w: np.ndarray, fast: bool = False) -> float:
+    """sigma_max / sigma_min of a matrix (inf when it is rank deficient to float precision).
+
+    `fast=True` takes the eigenvalues of the smaller Gram matrix (`W W^T` or `W^T W`, float64)
+    instead of an SVD: several times cheaper for the wide `w_in [d, 2F]`, and exact to about 1e-8
+    relative while the condition number stays below ~1e6 (the Gram matrix squares it); used for
+    the TensorBoard dynamics during training.
+    """
+    w = np.asarray(w, np.float64)
+    if fast:
+        g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        ev = np.linalg.eigvalsh(g)
+        lo, hi = ev[0], ev[-1]
+        return float(np.sqrt(hi / lo)) if lo > 0 else float("inf")
+    s = np.linalg.svd(w, compute_uv=False)
     return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
 
 
