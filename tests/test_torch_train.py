@@ -1,0 +1,181 @@
+"""tnt_torch.train.TorchBackend and tnt_torch.checkpoint: learning, exact restore, checkpoint
+files and refusals, validation at the boundary, decoding. (`experiments.pretrain` with
+`--backend torch` end to end is in test_pretrain.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import random_tokens, tiny_config
+from tnt.checkpoint_meta import CheckpointError
+from tnt.config import RunConfig, TrainConfig
+from tnt.tokenizer import ByteTokenizer
+from tnt_torch import checkpoint, load_checkpoint, to_canonical
+from tnt_torch.generate import greedy
+from tnt_torch.model import TnT, loss_fn
+from tnt_torch.train import TorchBackend
+
+SPEC = {"kind": "byte", "vocab_size": 259}
+
+
+def run_config(arch="decoder_only", norm="ngpt", **train) -> RunConfig:
+    base = dict(max_steps=10, batch_size=4, seq_len=8, enc_len=8)
+    base.update(train)
+    return RunConfig(tiny_config(arch, norm, n_decoder_layers=1), TrainConfig(**base))
+
+
+def batch_for(cfg: RunConfig, rng) -> dict[str, np.ndarray]:
+    t = cfg.train
+    dec = random_tokens(rng, (t.batch_size, t.seq_len))
+    out = {"dec_tokens": dec, "labels": np.roll(dec, -1, axis=1)}
+    if cfg.model.has_encoder:
+        out["enc_tokens"] = random_tokens(rng, (t.batch_size, t.encoder_len))
+    return out
+
+
+@pytest.mark.parametrize("arch,norm", [("decoder_only", "ngpt"), ("encoder_decoder", "rmsnorm")])
+def test_tiny_model_overfits_a_fixed_batch(arch, norm, rng):
+    cfg = run_config(arch, norm, lr=2e-2, min_lr=2e-2, max_steps=40)  # constant lr
+    backend = TorchBackend(cfg)
+    batch = batch_for(cfg, rng)
+    first = float(backend.step(batch)["loss"])
+    for _ in range(39):
+        metrics = backend.step(batch)
+    assert float(metrics["loss"]) < 0.25 * first
+    assert int(metrics["tokens"]) == 32 and np.isfinite(float(metrics["grad_norm"]))
+    assert backend.step_count == 40
+
+
+def test_save_restore_continues_exactly(tmp_path, rng):
+    cfg = run_config("encoder_decoder", "ngpt")
+    batches = [batch_for(cfg, rng) for _ in range(5)]
+    a = TorchBackend(cfg)
+    a.open(tmp_path / "ckpt", keep=2)
+    for b in batches[:3]:
+        a.step(b)
+    a.save(SPEC)
+    b_ = TorchBackend(cfg)
+    meta = b_.restore(tmp_path / "ckpt")
+    assert meta["step"] == 3 and b_.step_count == 3 and meta["backend"] == "torch"
+    for backend in (a, b_):
+        for b in batches[3:]:
+            backend.step(b)
+    pa, pb = to_canonical(a.net), to_canonical(b_.net)
+    assert all(np.array_equal(pa[n], pb[n]) for n in pa)
+    assert TorchBackend.read_meta(tmp_path / "ckpt")["step"] == 3
+
+
+def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
+    cfg = run_config()
+    backend = TorchBackend(cfg)
+    backend.open(tmp_path, keep=2)
+    for _ in range(3):
+        backend.step(batch_for(cfg, rng))
+        backend.save(SPEC)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]  # no temp folders left
+    assert sorted(p.name for p in (tmp_path / "3").iterdir()) == [
+        "meta.json", "optimizer.safetensors", "params.safetensors"]
+    meta = json.loads((tmp_path / "3" / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["tokenizer"] == SPEC
+    params, opt, _ = checkpoint.restore(tmp_path, cfg.model)
+    assert params["decoder.embed"].dtype == np.float32
+    assert opt["decoder.embed.step"].shape == () and float(opt["decoder.embed.step"]) == 3
+    backend.save(SPEC)  # saving the same step again replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
+
+
+def test_load_checkpoint_gives_the_trained_model(tmp_path, rng):
+    cfg = run_config("encoder_decoder", "rmsnorm")
+    backend = TorchBackend(cfg)
+    backend.open(tmp_path / "checkpoints", keep=1)
+    backend.step(batch_for(cfg, rng))
+    backend.save(ByteTokenizer().spec)
+    model, loaded_cfg, tok = load_checkpoint(tmp_path)
+    assert loaded_cfg == cfg and isinstance(tok, ByteTokenizer)
+    ours = to_canonical(backend.net)
+    assert all(np.array_equal(v, ours[n]) for n, v in to_canonical(model).items())
+    with pytest.raises(CheckpointError, match="d_model: 32 != 48"):
+        load_checkpoint(tmp_path, expect=dataclasses.replace(cfg.model, d_model=48))
+
+
+def test_checkpoint_refusals_name_the_problem(tmp_path, rng):
+    cfg = run_config()
+    backend = TorchBackend(cfg)
+    backend.open(tmp_path, keep=3)
+    backend.step(batch_for(cfg, rng))
+    backend.save(SPEC)
+    other = RunConfig(dataclasses.replace(cfg.model, d_model=48, n_heads=4), cfg.train)
+    with pytest.raises(CheckpointError, match="another model: d_model: 32 != 48"):
+        TorchBackend(other).restore(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TorchBackend.read_meta(tmp_path / "missing")
+    params = tmp_path / "1" / "params.safetensors"
+    good = params.read_bytes()
+    params.write_bytes(good[:100])
+    with pytest.raises(CheckpointError, match="params.safetensors is corrupt"):
+        TorchBackend(cfg).restore(tmp_path)
+    params.write_bytes(good)
+    (tmp_path / "1" / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
+        checkpoint.restore(tmp_path, cfg.model)
+    (tmp_path / "1" / "meta.json").write_text("{ corrupt")
+    with pytest.raises(CheckpointError, match="metadata"):
+        TorchBackend.read_meta(tmp_path)
+    jax_run = tmp_path / "jax" / "checkpoints" / "5"
+    (jax_run / "meta").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="jax backend"):
+        TorchBackend.read_meta(tmp_path / "jax")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+        TorchBackend.read_meta(tmp_path / "empty")
+
+
+def test_bad_token_ids_are_refused_at_the_boundary(rng):
+    cfg = run_config("encoder_decoder", "ngpt")
+    backend = TorchBackend(cfg)
+    batch = batch_for(cfg, rng)
+    batch["labels"][0, 3] = cfg.model.vocab_size
+    with pytest.raises(ValueError, match="labels contain token id 40 at index"):
+        backend.step(batch)
+    batch = batch_for(cfg, rng)
+    batch["enc_tokens"][1, 0] = -2
+    with pytest.raises(ValueError, match="enc_tokens contain token id -2"):
+        backend.evaluate([batch])
+    assert backend.step_count == 0
+
+
+def test_evaluate_is_the_token_weighted_mean(rng):
+    cfg = run_config()
+    backend = TorchBackend(cfg)
+    a, b = batch_for(cfg, rng), batch_for(cfg, rng)
+    b["labels"][:, 2:] = cfg.model.pad_id  # b has 8 label tokens, a has 32
+    losses = []
+    with torch.no_grad():
+        for batch in (a, b):
+            loss, count = loss_fn(backend.net, {k: torch.from_numpy(v).long()
+                                                for k, v in batch.items()})
+            losses.append((float(loss), int(count)))
+    expected = sum(x * c for x, c in losses) / sum(c for _, c in losses)
+    assert backend.evaluate([a, b]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_greedy_stops_at_eos_and_validates(rng):
+    cfg = tiny_config("decoder_only", "ngpt")
+    model = TnT(cfg, seed=0)
+    with torch.no_grad():  # make eos the argmax everywhere
+        model.lm_head.zero_()
+        model.lm_head[:, cfg.eos_id] = 1.0
+    out = greedy(model, None, np.array([5, 6], np.int32), 8)
+    assert out.tolist() == [cfg.eos_id]
+    with pytest.raises(ValueError, match="prefix contain token id 99"):
+        greedy(model, None, np.array([99], np.int32), 4)
+    with pytest.raises(ValueError, match="leaves no room"):
+        greedy(model, None, np.arange(3, 19, dtype=np.int32), 4)
+    backend = TorchBackend(run_config("encoder_decoder", "ngpt"))
+    ids = backend.sample(random_tokens(rng, (8,)), np.array([1], np.int32), 5)
+    assert ids.dtype == np.int32 and 1 <= len(ids) <= 5
