@@ -168,9 +168,10 @@ def train(args: argparse.Namespace) -> float:
     val_loss = float("nan")
     bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     tick, tick_step = time.perf_counter(), start
-    began = tick
+    began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
     for step in range(start, t.max_steps):
         metrics = backend.step(batches.train_batch(step))
+        began = began or time.perf_counter()
         done = step + 1
         if done % t.log_every == 0 or done == t.max_steps:
             loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
