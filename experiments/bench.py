@@ -1,4 +1,5 @@
 """Benchmark the train step: `python -m experiments.bench train --backend jax --json`.
+(`python -m experiments.bench generate` times decoding: see `experiments/bench_generate.py`.)
 
 Builds the run config exactly as `experiments.pretrain` does (preset, flags, `--set`), builds the
 backend by name (`tnt_jax.train.JaxBackend`, `tnt_torch.train.TorchBackend`: anything with
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 
+from experiments import bench_generate
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config
 from tnt.data import BatchSpec
@@ -59,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="side of the square fp32 matmul for the peak (default 2048 on a "
                             "CPU, 8192 on a GPU)")
     train.add_argument("--json", action="store_true", help="print one JSON object")
+    bench_generate.add_parser(sub)
     return p.parse_args(argv)
 
 
@@ -239,6 +242,9 @@ def describe(r: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "generate":  # tokens/s of cached vs uncached decoding, always JSON
+            print(json.dumps(bench_generate.bench_generate(args), indent=1))
+            return 0
         result = bench_train(args)
     except (ConfigError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """TnT in PyTorch: the same model, parameter for parameter, as tnt_jax; the optimizer step with
-eigen LRs and the unit-norm projection, safetensors checkpoints, and the pretrain backend."""
+eigen LRs and the unit-norm projection, safetensors checkpoints, generation (`inference`) and the
+pretrain backend."""
 
 from tnt_torch.checkpoint import load_checkpoint
+from tnt_torch.generate import generate, inference
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
 from tnt_torch.optim import TnTOptimizer, UnitNormProjection, build_optimizer
 
-__all__ = ["TnT", "TnTOptimizer", "UnitNormProjection", "build_optimizer", "load_canonical",
-           "load_checkpoint", "loss_fn", "to_canonical"]
+__all__ = ["TnT", "TnTOptimizer", "UnitNormProjection", "build_optimizer", "generate",
+           "inference", "load_canonical", "load_checkpoint", "loss_fn", "to_canonical"]
