@@ -3,9 +3,9 @@ eigen LRs and the unit-norm projection, safetensors checkpoints, generation (`in
 pretrain backend."""
 
 from tnt_torch.checkpoint import load_checkpoint
-from tnt_torch.generate import generate, inference
+from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
 from tnt_torch.optim import TnTOptimizer, UnitNormProjection, build_optimizer
 
-__all__ = ["TnT", "TnTOptimizer", "UnitNormProjection", "build_optimizer", "generate",
-           "inference", "load_canonical", "load_checkpoint", "loss_fn", "to_canonical"]
+__all__ = ["TnT", "TnTOptimizer", "UnitNormProjection", "build_optimizer", "inference",
+           "load_canonical", "load_checkpoint", "loss_fn", "to_canonical"]
