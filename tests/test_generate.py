@@ -156,3 +156,12 @@ def test_check_tokenizer_names_the_special_ids():
     check_tokenizer(tok, tiny_config(vocab_size=300))
     with pytest.raises(TokenizerMismatch, match="eos_id is 2, the model's is 5"):
         check_tokenizer(tok, tiny_config(vocab_size=300, eos_id=5))
+
+
+def test_models_the_cache_cannot_run_are_decoded_by_full_recompute():
+    from types import SimpleNamespace
+
+    from tnt.generation import uncacheable
+
+    assert uncacheable(tiny_config()) is None
+    assert "full recompute" in uncacheable(SimpleNamespace(rope_mode="ngpt_reference"))

@@ -111,6 +111,20 @@ class Batch:
         return int(self.lengths_B.max()) + self.n_new - 1
 
 
+def uncacheable(cfg: ModelConfig) -> str | None:
+    """Why KV-cached decoding cannot run this model (then generation recomputes), or None.
+
+    The caches apply TnT's rotary embedding at each token's own position; a model configured
+    with another position transform (the nGPT reference's, for imported checkpoints) is decoded
+    by full recompute, which runs the model's own forward and is exact, only slower.
+    """
+    mode = getattr(cfg, "rope_mode", "rotate")
+    if mode != "rotate":
+        return (f"rope_mode={mode!r}: the KV cache supports rope_mode='rotate' only; decoding by "
+                f"full recompute instead")
+    return None
+
+
 def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, -(-n // multiple) * multiple) if multiple > 1 else n
 

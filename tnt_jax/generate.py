@@ -19,6 +19,7 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import jax
@@ -35,6 +36,7 @@ from tnt.generation import (
     collect,
     prepare,
     run_inference,
+    uncacheable,
 )
 from tnt_jax.model import TnT, attend, l2norm, merge_params, rope_tables, split_params
 
@@ -289,6 +291,9 @@ def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int,
     decoder_only) by up to `max_new_tokens` each; see `tnt.generation` for the policy.
     `stop_at_eos=False` makes exactly `max_new_tokens` (benchmarks)."""
     cfg = model.cfg
+    if use_cache and (why := uncacheable(cfg)):
+        warnings.warn(why, stacklevel=2)
+        use_cache = False
     batch = prepare(cfg, prompts, max_new_tokens, bucket if use_cache else 1, warn)
     graphdef, params = split_params(model)
     knobs, key = _knobs(sampling), jax.random.key(sampling.seed)

@@ -17,6 +17,7 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import numpy as np
@@ -32,6 +33,7 @@ from tnt.generation import (
     collect,
     prepare,
     run_inference,
+    uncacheable,
 )
 from tnt_torch.model import Mask, TnT, apply_rope, attend, l2norm
 
@@ -263,6 +265,9 @@ def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int,
     decoder_only) by up to `max_new_tokens` each; see `tnt.generation` for the policy.
     `stop_at_eos=False` makes exactly `max_new_tokens` (benchmarks)."""
     cfg = model.cfg
+    if use_cache and (why := uncacheable(cfg)):
+        warnings.warn(why, stacklevel=2)
+        use_cache = False
     batch = prepare(cfg, prompts, max_new_tokens, 1, warn)
     run = _generate_cached if use_cache else _generate_uncached
     eos = cfg.eos_id if stop_at_eos else None
