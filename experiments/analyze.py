@@ -112,8 +112,8 @@ def plot_scalers(params) -> Figure | None:
     return fig
 
 
-def plot_condition_numbers(params) -> Figure | None:
-    return plot_layer_table(analysis.condition_numbers(params),
+def plot_condition_numbers(params, cond: dict | None = None) -> Figure | None:
+    return plot_layer_table(cond if cond is not None else analysis.condition_numbers(params),
                             "Condition numbers sigma_max / sigma_min of the attention and MLP "
                             "matrices", "condition number (log)", log=True)
 
@@ -213,18 +213,19 @@ def plot_training_curves(curves: dict[str, dict[str, np.ndarray]]) -> Figure | N
 # Report
 
 
-def views(ckpt: Checkpoint | None, curves) -> dict[str, tuple[str, Figure | None]]:
+def views(ckpt: Checkpoint | None, curves, stats: dict | None = None, cond: dict | None = None
+          ) -> dict[str, tuple[str, Figure | None]]:
     """file name -> (caption, figure or None when the view does not apply)."""
     out: dict[str, tuple[str, Figure | None]] = {}
     if ckpt is not None:
         p = ckpt.params
-        stats = analysis.embedding_stats(p)
+        stats = stats if stats is not None else analysis.embedding_stats(p)
         out["eigen_lrs.png"] = ("Eigen learning rates |alpha| (attention, cross-attention, MLP)",
                                 plot_eigen_lrs(p))
         out["scalers.png"] = ("Scalers s_qk, s_u, s_v, s_z (stored values)" if analysis.is_ngpt(p)
                               else "RMSNorm gains", plot_scalers(p))
         out["condition_numbers.png"] = ("Condition numbers of Q/K/V/output and MLP matrices",
-                                        plot_condition_numbers(p))
+                                        plot_condition_numbers(p, cond))
         out["embedding_norms.png"] = ("Embedding norms", plot_embedding_norms(stats))
         out["embedding_spectrum.png"] = ("Embedding covariance spectrum / median",
                                          plot_embedding_spectrum(stats))
@@ -279,10 +280,14 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     curves = read_scalars(tb) if tb is not None and tb.is_dir() else {}
     if ckpt is None and not curves:
         raise CheckpointError(f"{path} holds neither a TnT checkpoint nor TensorBoard events")
-    out = Path(out) if out else (run_dir or ckpt.step_dir) / "analysis"
+    if out is None:  # beside the run, or beside a bare step folder (never inside a checkpoint)
+        out = run_dir / "analysis" if run_dir else ckpt.step_dir.parent / f"analysis-{ckpt.step}"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stats = analysis.embedding_stats(ckpt.params) if ckpt is not None else None
+    cond = analysis.condition_numbers(ckpt.params) if ckpt is not None else None
     images, skipped = {}, []
-    for name, (caption, fig) in views(ckpt, curves).items():
+    for name, (caption, fig) in views(ckpt, curves, stats, cond).items():
         if fig is None:
             skipped.append(name)
         else:
@@ -296,7 +301,7 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
                       "model": f"{m.arch}, {m.norm}, d_model {m.d_model}, {m.n_heads} heads, "
                                f"{m.n_encoder_layers if m.has_encoder else 0}+{m.n_decoder_layers} "
                                f"layers, F {m.hidden}, vocab {m.vocab_size}"})
-        numbers.update(analysis.key_numbers(ckpt.params))
+        numbers.update(analysis.key_numbers(ckpt.params, cond, stats))
     (out / "numbers.json").write_text(json.dumps({"facts": facts, "numbers": numbers}, indent=1))
     return write_report(out, f"TnT analysis: {run_dir.name if run_dir else path.name}", facts,
                         numbers, images, skipped)

@@ -2,7 +2,8 @@
 
 Trains an nGPT model and its RMSNorm (pre-norm) baseline of the same shape on the same data, token
 budget and seed with `experiments.pretrain`, each with its own DESIGN.md optimizer defaults (ngpt:
-lr 15e-4, no warmup, no weight decay; rmsnorm: lr 6e-4, 100 warmup steps, weight decay 0.1), then
+lr 15e-4, no warmup, no weight decay; rmsnorm: lr 6e-4, 100 warmup steps, weight decay 0.1; the
+peak learning rates can be tuned separately with `--ngpt-lr` and `--rmsnorm-lr`), then
 
 - plots validation loss against steps and against wall-clock seconds on one figure
   (`OUT/compare.png`), and writes the numbers to `OUT/summary.json`;
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ngpt-lr", type=float, help="peak lr of the nGPT run (default 15e-4)")
+    p.add_argument("--rmsnorm-lr", type=float, help="peak lr of the baseline (default 6e-4)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override applied to both runs (repeatable)")
     p.add_argument("--out", help="compare directory (default runs/compare-<backend>-<arch>-<time>)")
@@ -64,6 +67,9 @@ def run_one(args: argparse.Namespace, norm: str, out: Path) -> None:
             "--out", str(out)]
     for item in args.set:
         argv += ["--set", item]
+    lr = getattr(args, f"{norm}_lr", None)
+    if lr is not None:
+        argv += ["--lr", str(lr)]
     if out.exists() and locate(out) is not None:
         argv.append("--resume")
     rc = pretrain.main(argv)
@@ -129,6 +135,9 @@ def plot(curves: dict[str, dict[str, np.ndarray]], summary: dict, title: str) ->
         ax_s.axvline(summary["ngpt_steps_to_match"], ls=":", color=COLORS["ngpt"], lw=1,
                      label=f"nGPT reaches it at step {summary['ngpt_steps_to_match']:.0f} "
                            f"(step ratio {summary['step_speedup']:.2f}x)")
+    else:
+        ax_s.text(0.5, 0.97, "nGPT never reached the baseline's final validation loss",
+                  transform=ax_s.transAxes, ha="center", va="top", color=COLORS["ngpt"])
     if summary["ngpt_seconds_to_match"] is not None:
         ax_t.axvline(summary["ngpt_seconds_to_match"], ls=":", color=COLORS["ngpt"], lw=1,
                      label=f"nGPT reaches it at {summary['ngpt_seconds_to_match']:.0f} s "

@@ -234,9 +234,10 @@ def embedding_stats(params, max_pairs: int = 200_000, seed: int = 0) -> dict[str
     return out
 
 
-def key_numbers(params) -> dict[str, float]:
+def key_numbers(params, cond: dict | None = None, stats: dict | None = None) -> dict[str, float]:
     """A flat summary for a report: mean |alpha| per stack and block, scaler means, mean and max
-    condition numbers, embedding norm and cosine spread."""
+    condition numbers, embedding norm and cosine spread. `cond` and `stats` reuse the results of
+    `condition_numbers(params)` and `embedding_stats(params)` when they were computed already."""
     out: dict[str, float] = {}
     for stack, blocks in eigen_lrs(params).items():
         for block, t in blocks.items():
@@ -246,12 +247,12 @@ def key_numbers(params) -> dict[str, float]:
             out[f"{stack} {k} mean"] = float(t[:, 0].mean())
     for n, v in global_scalers(params).items():
         out[f"{n} mean"] = float(np.mean(v))
-    for stack, table in condition_numbers(params).items():
+    for stack, table in (cond if cond is not None else condition_numbers(params)).items():
         if table:
             allc = np.concatenate(list(table.values()))
             out[f"{stack} condition number mean"] = float(np.nanmean(allc))
             out[f"{stack} condition number max"] = float(np.nanmax(allc))
-    for n, e in embedding_stats(params, max_pairs=50_000).items():
+    for n, e in (stats if stats is not None else embedding_stats(params)).items():
         for k, v in e.summary.items():
             out[f"{n} {k}"] = v
     return out
