@@ -179,3 +179,24 @@ def test_greedy_stops_at_eos_and_validates(rng):
     backend = TorchBackend(run_config("encoder_decoder", "ngpt"))
     ids = backend.sample(random_tokens(rng, (8,)), np.array([1], np.int32), 5)
     assert ids.dtype == np.int32 and 1 <= len(ids) <= 5
+
+
+def test_a_failing_compile_falls_back_to_eager(rng):
+    cfg = run_config("encoder_decoder", "ngpt")
+    batch = batch_for(cfg, rng)
+    eager = TorchBackend(cfg, compile=False)
+    backend = TorchBackend(cfg, compile=True)
+    assert backend.compiled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    for stack in (backend.net.encoder, backend.net.decoder):
+        for layer in stack.layers:
+            layer._compiled_call_impl = broken
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
+        metrics = backend.step(batch)
+    assert not backend.compiled
+    assert float(metrics["loss"]) == float(eager.step(batch)["loss"])
+    pa, pb = to_canonical(backend.net), to_canonical(eager.net)
+    assert all(np.array_equal(pa[n], pb[n]) for n in pa)
