@@ -115,6 +115,8 @@ class _Request:
         self.rope = model.rope(batch.cache_len, device)
         self.w_qkv = [torch.cat([layer.attn.wq, layer.attn.wk, layer.attn.wv], 1)
                       for layer in layers]
+        self.w_in = [layer.mlp.w_in * (layer.mlp.s_uv * layer.mlp.sqrt_d) if layer.mlp.ngpt
+                     else layer.mlp.w_in for layer in layers]
         self.head = model.lm_head * model.s_z if cfg.norm == "ngpt" else model.lm_head
         self.caches = [(torch.zeros(B, H, batch.cache_len, K, device=device),
                         torch.zeros(B, H, batch.cache_len, K, device=device)) for _ in layers]
@@ -155,11 +157,19 @@ class _Request:
             rows = torch.arange(B, device=x_BxTxD.device)
             k_cache[rows, :, cols_BxT[:, 0]] = k[:, 0]
             v_cache[rows, :, cols_BxT[:, 0]] = v[:, 0]
-            keep = (torch.arange(n_cols, device=x_BxTxD.device)[None, None, None, :]
-                    <= cols_BxT[:, None, :, None])
-            y = attend(q, k_cache[:, :, :n_cols], v_cache[:, :, :n_cols],
-                       Mask(False, None if B == 1 else keep), attn.scale)
+            keep = None  # one row sees every column written; rows of a batch see their own
+            if B > 1:
+                keep = (torch.arange(n_cols, device=x_BxTxD.device)[None, None, None, :]
+                        <= cols_BxT[:, None, :, None])
+            y = attend(q, k_cache[:, :, :n_cols], v_cache[:, :, :n_cols], Mask(False, keep),
+                       attn.scale)
         return y.transpose(1, 2).reshape(B, T, D) @ attn.wo
+
+    def mlp(self, i: int, mlp, x_BxTxD) -> torch.Tensor:
+        """`MLP.forward` with the ngpt-scaled `w_in` computed once per request."""
+        u, v = (x_BxTxD @ self.w_in[i]).split(mlp.hidden, dim=-1)
+        act = F.gelu(v, approximate="none") if mlp.activation == "gelu" else F.silu(v)
+        return (u * act) @ mlp.w_out
 
     def cross_attention(self, i: int, attn, x_BxTxD) -> torch.Tensor:
         B, T, D = x_BxTxD.shape
@@ -181,7 +191,8 @@ class _Request:
             if layer.cross is not None:
                 h = layer._residual(h, layer.cross, "cross_norm", lambda x, i=i, layer=layer:
                                     self.cross_attention(i, layer.cross, x))
-            h = layer._residual(h, layer.mlp, "mlp_norm", layer.mlp)
+            h = layer._residual(h, layer.mlp, "mlp_norm",
+                                lambda x, i=i, layer=layer: self.mlp(i, layer.mlp, x))
         if dec.final_norm is not None:
             h = dec.final_norm(h)
         return h
