@@ -30,24 +30,24 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class UnitNormProjection:
-    """`p <- p / max(||p||, 1e-12)` along each matrix's d_model axis, batched: matrices of the same
-    shape and axis are normalized by one reduction and one `_foreach_div_` (DESIGN.md, "Unit-norm
-    projection")."""
+    """`p <- p / max(||p||, 1e-12)` along each matrix's d_model axis (DESIGN.md, "Unit-norm
+    projection"), batched with `_foreach` ops: squares, square roots, clamps and divisions each run
+    as one call over all matrices normalized along the same axis; only the per-matrix reduction
+    is a Python loop. (`(x*x).sum(axis)` is ~10x faster than `vector_norm` along a leading axis on
+    the CPU, and stacking same-shaped matrices would copy every one of them.)"""
 
     def __init__(self, params_axes: list[tuple[torch.Tensor, int]]) -> None:
-        groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        groups: dict[int, list[torch.Tensor]] = defaultdict(list)
         for p, axis in params_axes:
-            groups[(tuple(p.shape), axis % p.ndim, p.dtype, p.device)].append(p)
-        self.groups = [(key[1], ps) for key, ps in groups.items()]
+            groups[axis % p.ndim].append(p)
+        self.groups = list(groups.items())
 
     @torch.no_grad()
     def __call__(self) -> None:
         for axis, ps in self.groups:
-            if len(ps) == 1:
-                norms = [torch.linalg.vector_norm(ps[0], dim=axis, keepdim=True).clamp_min_(1e-12)]
-            else:
-                stacked = torch.linalg.vector_norm(torch.stack(ps), dim=axis + 1, keepdim=True)
-                norms = list(stacked.clamp_min_(1e-12).unbind(0))
+            norms = [sq.sum(axis, keepdim=True) for sq in torch._foreach_mul(ps, ps)]
+            torch._foreach_sqrt_(norms)
+            torch._foreach_clamp_min_(norms, 1e-12)
             torch._foreach_div_(ps, norms)
 
 
