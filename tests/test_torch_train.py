@@ -200,3 +200,15 @@ def test_a_failing_compile_falls_back_to_eager(rng):
     assert float(metrics["loss"]) == float(eager.step(batch)["loss"])
     pa, pb = to_canonical(backend.net), to_canonical(eager.net)
     assert all(np.array_equal(pa[n], pb[n]) for n in pa)
+
+
+def test_bench_train_runs_the_torch_backend(capsys):
+    from experiments import bench
+
+    argv = ["train", "--backend", "torch", "--json", "--preset", "cpu-tiny", "--steps", "2",
+            "--warmup", "1", "--matmul-size", "128", "--set", "vocab_size=40", "--set",
+            "d_model=32", "--seq-len", "16", "--batch-size", "2", "--arch", "decoder_only"]
+    assert bench.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "torch" and r["arch"] == "decoder_only" and r["steps"] == 2
+    assert r["tokens_per_s"] > 0 and r["tokens_per_step"] == 32
