@@ -82,11 +82,19 @@ def test_fully_masked_query_rows_are_exactly_zero_and_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_l2norm_matches_f_normalize():
-    x = torch.randn(5, 7)
-    x[2] = 0
-    torch.testing.assert_close(l2norm(x), F.normalize(x, dim=-1), rtol=0, atol=1e-7)
-    torch.testing.assert_close(l2norm(x, 0), F.normalize(x, dim=0), rtol=0, atol=1e-7)
+def test_l2norm_matches_f_normalize_forward_and_backward():
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    g = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    for dim in (-1, 0):
+        ours, ref = l2norm(x, dim), F.normalize(x, dim=dim)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+        (grad_ours,) = torch.autograd.grad(ours, x, g)
+        (grad_ref,) = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-6)
+    zero = torch.zeros(2, 3, requires_grad=True)
+    y = l2norm(zero)
+    (grad,) = torch.autograd.grad(y, zero, torch.ones(2, 3))
+    assert torch.all(y == 0) and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("arch,norm", ARCH_NORMS)
