@@ -152,3 +152,39 @@ def test_bad_inputs_raise_value_errors_naming_the_input(rng):
         model(torch.from_numpy(random_tokens(rng, (1, 20))), torch.from_numpy(dec[:1]))
     with pytest.raises(ValueError, match="needs enc_tokens"):
         model(None, torch.from_numpy(dec))
+
+
+def test_reference_rope_reproduces_the_ngpt_code():
+    """`rope_mode="ngpt_reference"`: out[2i] = -x[2i+1] cos_half[i], out[2i+1] = x[2i] sin_half[i],
+    with the reference's interleaved sinusoids split by halves (import compatibility only)."""
+    from tnt_torch.model import apply_reference_rope, reference_rope_table
+
+    L, K = 5, 8
+    x = np.random.default_rng(0).standard_normal((2, L, 3, K)).astype(np.float32)
+    inv_freq = np.exp(np.arange(0, K, 2) * (-np.log(10000.0) / K))
+    angles = np.arange(L)[:, None] * inv_freq[None, :]
+    emb = np.zeros((L, K))
+    emb[:, 0::2], emb[:, 1::2] = np.sin(angles), np.cos(angles)
+    sin_half, cos_half = emb[:, :K // 2], emb[:, K // 2:]
+    expected = np.empty_like(x)
+    expected[..., 0::2] = -x[..., 1::2] * cos_half[:, None]
+    expected[..., 1::2] = x[..., 0::2] * sin_half[:, None]
+    out = apply_reference_rope(torch.from_numpy(x), reference_rope_table(L, K, 10000.0)[:, None])
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+
+
+def test_rope_mode_selects_the_transform(rng):
+    import dataclasses
+
+    from tnt.config import ModelConfig
+
+    if "rope_mode" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+        pytest.skip("ModelConfig has no rope_mode field yet")
+    cfg = tiny_config("decoder_only", "ngpt")
+    ref_cfg = dataclasses.replace(cfg, rope_mode="ngpt_reference")
+    params = to_canonical(TnT(cfg, seed=0))
+    a = load_canonical(TnT(cfg), params)
+    b = load_canonical(TnT(ref_cfg), params)
+    _, dec = inputs(cfg, rng)
+    la, lb = logits_of(a, None, dec), logits_of(b, None, dec)
+    assert np.isfinite(lb).all() and np.abs(la - lb).max() > 1e-3

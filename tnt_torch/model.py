@@ -78,6 +78,29 @@ def apply_rope(x: torch.Tensor, cos_LxK: torch.Tensor, sin_LxK: torch.Tensor) ->
     return x * cos_LxK + torch.cat([x2, x1], dim=-1) * sin_LxK
 
 
+def reference_rope_table(length: int, head_dim: int, base: float) -> torch.Tensor:
+    """`rope_mode="ngpt_reference"` (import only, DESIGN.md "RoPE"): the public nGPT code's
+    transform, which is not a rotation (NVIDIA/ngpt#10). Its interleaved sinusoids
+    `emb[p, 2j] = sin(p f_j)`, `emb[p, 2j+1] = cos(p f_j)` are split by halves into `S` (first)
+    and `C` (second), and it returns `out[2i] = -x[2i+1] C[i]`, `out[2i+1] = x[2i] S[i]`.
+    Returned here as one [L, dh] table `T` with `T[2i] = -C[i]`, `T[2i+1] = S[i]`, so that
+    `out = swap_pairs(x) * T` (`apply_reference_rope`)."""
+    inv_freq = np.exp(np.arange(0, head_dim, 2, dtype=np.float64) * (-np.log(base) / head_dim))
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+    emb = np.zeros((length, head_dim))
+    emb[:, 0::2], emb[:, 1::2] = np.sin(angles), np.cos(angles)
+    half = head_dim // 2
+    sin_half, cos_half = emb[:, :half].astype(np.float32), emb[:, half:].astype(np.float32)
+    table = np.empty((length, head_dim), np.float32)
+    table[:, 0::2], table[:, 1::2] = -cos_half, sin_half
+    return torch.from_numpy(table)
+
+
+def apply_reference_rope(x: torch.Tensor, table_LxK: torch.Tensor) -> torch.Tensor:
+    """The nGPT reference's position transform (see `reference_rope_table`)."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * table_LxK
+
+
 class Mask:
     """Which keys each query may see. `None` fields mean "all": the no-padding causal case runs
     SDPA's `is_causal` fast path; otherwise a boolean `[B, 1, L, S]` mask, and rows with no
@@ -137,8 +160,11 @@ class Attention(nn.Module):
         if self.rope:
             cos_LxK, sin_LxK = rope
             L = t_BxLxNxHxK.shape[1]
-            t_BxLxNxHxK = apply_rope(t_BxLxNxHxK, cos_LxK[:L, None, None],
-                                     sin_LxK[:L, None, None])
+            if cos_LxK is None:  # rope_mode="ngpt_reference"; sin_LxK holds its table
+                t_BxLxNxHxK = apply_reference_rope(t_BxLxNxHxK, sin_LxK[:L, None, None])
+            else:
+                t_BxLxNxHxK = apply_rope(t_BxLxNxHxK, cos_LxK[:L, None, None],
+                                         sin_LxK[:L, None, None])
         if self.ngpt:
             t_BxLxNxHxK = l2norm(t_BxLxNxHxK) * self.s_qk.view(self.n_heads, self.head_dim)
         return t_BxLxNxHxK
@@ -296,10 +322,17 @@ class TnT(nn.Module):
             check_token_ids(tokens.cpu().numpy(), self.cfg.vocab_size, what)
 
     def rope(self, length: int, device: torch.device):
+        """(cos, sin) [L, dh] for `apply_rope`; with `rope_mode="ngpt_reference"`,
+        (None, table) for `apply_reference_rope`."""
         key = (length, device)
         if key not in self._rope_cache:
-            cos, sin = rope_full(*rope_tables(length, self.cfg.head_dim, self.cfg.rope_base))
-            self._rope_cache[key] = (cos.to(device), sin.to(device))
+            dh, base = self.cfg.head_dim, self.cfg.rope_base
+            if getattr(self.cfg, "rope_mode", "rotate") == "ngpt_reference":
+                tables = (None, reference_rope_table(length, dh, base).to(device))
+            else:
+                cos, sin = rope_full(*rope_tables(length, dh, base))
+                tables = (cos.to(device), sin.to(device))
+            self._rope_cache[key] = tables
         return self._rope_cache[key]
 
     def _valid(self, tokens_BxL: torch.Tensor) -> torch.Tensor | None:
