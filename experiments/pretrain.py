@@ -33,7 +33,8 @@ from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
 # Flags that map onto config fields (flag dest -> field).
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
                "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "seed": "seed",
-               "eval_every": "eval_every", "ckpt_every": "ckpt_every", "tokenizer": "tokenizer"}
+               "eval_every": "eval_every", "ckpt_every": "ckpt_every", "tokenizer": "tokenizer",
+               "analysis_every": "analysis_every"}
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens"}
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--analysis-every", type=int, help="TensorBoard dynamics interval "
+                   "(alphas, scalers, condition numbers; experiments/dynamics.py); 0 disables")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set d_model=256 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<backend>-<arch>-<norm>-<time>)")

@@ -141,7 +141,7 @@ def run_dir(request, corpus, tmp_path_factory):
     rc = pretrain_main(["--backend", backend, "--preset", "cpu-tiny", "--arch", arch, "--norm", norm,
                         "--data", corpus, "--out", str(out), "--max-steps", "4", "--eval-every", "2",
                         "--seq-len", "16", "--set", "eval_batches=1", "--set", "log_every=2",
-                        "--set", "analysis_every=2", "--set", "sample_tokens=2"])
+                        "--analysis-every", "2", "--set", "sample_tokens=2"])
     assert rc == 0
     return out, backend, norm
 
