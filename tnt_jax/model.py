@@ -91,13 +91,16 @@ split_halves.defvjp(lambda x: (split_halves(x), None),
 def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS, scale: float) -> jax.Array:
     """Softmax attention; a query row whose keys are all masked outputs exactly 0 (DESIGN.md).
 
-    The scale multiplies q (L*dh numbers) rather than the logits (L*S); masked logits are set to
-    the float minimum, so a fully masked row is a uniform softmax, zeroed on the output.
+    Cheaper on the [B, H, L, S] scores than the textbook order, same math: the scale multiplies
+    q (L*dh numbers, not L*S), and the softmax's division is applied to the output
+    (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh divisions, not L*S). Masked scores are set
+    to the float minimum, so a fully masked row is a uniform softmax, zeroed on the output.
     """
-    logits = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * scale, k_BxSxHxK)
-    mask = mask_BxLxS[:, None]
-    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min), axis=-1)
-    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", probs, v_BxSxHxK)
+    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * scale, k_BxSxHxK)
+    scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(scores.dtype).min)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    total_BxLxHx1 = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)[..., None]
+    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", weights, v_BxSxHxK) / total_BxLxHx1
     has_key_BxLx1x1 = jnp.any(mask_BxLxS, axis=-1)[:, :, None, None]
     return jnp.where(has_key_BxLx1x1, y_BxLxHxK, 0.0)
 
