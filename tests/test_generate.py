@@ -15,6 +15,7 @@ from flax import nnx
 
 import tnt_jax.generate as jg
 import tnt_torch.generate as tg
+from tnt.config import ModelConfig
 from tnt.generation import (
     PromptTruncated,
     Sampling,
@@ -156,6 +157,20 @@ def test_check_tokenizer_names_the_special_ids():
     check_tokenizer(tok, tiny_config(vocab_size=300))
     with pytest.raises(TokenizerMismatch, match="eos_id is 2, the model's is 5"):
         check_tokenizer(tok, tiny_config(vocab_size=300, eos_id=5))
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_torch_caches_follow_the_reference_position_transform(arch):
+    if "rope_mode" not in ModelConfig.__dataclass_fields__:
+        pytest.skip("ModelConfig has no rope_mode yet")
+    jm, _ = models(arch, "ngpt")
+    cfg = tiny_config(arch, "ngpt", rope_mode="ngpt_reference")
+    tm = load_canonical(TorchTnT(cfg), to_canonical(jm)).eval()
+    cached = tg.generate(tm, PROMPTS, N_NEW, return_logits=True)
+    full = tg.generate(tm, PROMPTS, N_NEW, use_cache=False, return_logits=True)
+    assert as_lists(cached) == as_lists(full)
+    for a, b in zip(cached.logits, full.logits, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_models_the_cache_cannot_run_are_decoded_by_full_recompute():

@@ -112,11 +112,12 @@ class Batch:
 
 
 def uncacheable(cfg: ModelConfig) -> str | None:
-    """Why KV-cached decoding cannot run this model (then generation recomputes), or None.
+    """Why `tnt_jax`'s KV-cached decoding cannot run this model, or None.
 
-    The caches apply TnT's rotary embedding at each token's own position; a model configured
-    with another position transform (the nGPT reference's, for imported checkpoints) is decoded
-    by full recompute, which runs the model's own forward and is exact, only slower.
+    The JAX caches apply TnT's rotary embedding at each token's own position; a model configured
+    with the nGPT reference's position transform (`rope_mode="ngpt_reference"`, for imported
+    checkpoints) is decoded there by full recompute, which runs the model's own forward and is
+    exact, only slower. (`tnt_torch`'s caches apply either transform.)
     """
     mode = getattr(cfg, "rope_mode", "rotate")
     if mode != "rotate":

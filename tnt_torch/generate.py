@@ -7,8 +7,8 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
   values are computed once, and the decoder keeps a preallocated self-attention KV cache
   `[B, H, cache_len, dh]` per layer. The prompt is prefilled in one pass, then one token per
   step; a step attends only to the cache columns written so far. Cached keys are stored as
-  attention uses them: rotated at their own position and, for ngpt, normalized and scaled by
-  `s_qk`.
+  attention uses them: rotated at their own position (or, for `rope_mode="ngpt_reference"`,
+  transformed as the reference code does) and, for ngpt, normalized and scaled by `s_qk`.
 - `generate(..., use_cache=False)`: the seed's method, the whole model (encoder and decoder)
   run again for every new token; the reference for tests and the benchmark's baseline.
 - `greedy`: the single-prompt greedy loop used for the end-of-run sample of
@@ -17,7 +17,6 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import numpy as np
@@ -33,9 +32,8 @@ from tnt.generation import (
     collect,
     prepare,
     run_inference,
-    uncacheable,
 )
-from tnt_torch.model import Mask, TnT, apply_rope, attend, l2norm
+from tnt_torch.model import Mask, TnT, apply_reference_rope, apply_rope, attend, l2norm
 
 
 @torch.inference_mode()
@@ -145,8 +143,12 @@ class _Request:
         H, K = self.H, self.K
         qkv = (x_BxTxD @ self.w_qkv[i]).view(B, T, 3, H, K)
         cos, sin = self.rope
-        qk = _qk_norm(attn, apply_rope(qkv[:, :, :2], cos[cols_BxT][:, :, None, None],
-                                       sin[cols_BxT][:, :, None, None]))
+        if cos is None:  # rope_mode="ngpt_reference": `sin` holds the reference's table
+            qk = apply_reference_rope(qkv[:, :, :2], sin[cols_BxT][:, :, None, None])
+        else:
+            qk = apply_rope(qkv[:, :, :2], cos[cols_BxT][:, :, None, None],
+                            sin[cols_BxT][:, :, None, None])
+        qk = _qk_norm(attn, qk)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1], qkv[:, :, 2]
         k_cache, v_cache = self.caches[i]
         if n_cols is None:
@@ -276,9 +278,6 @@ def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int,
     decoder_only) by up to `max_new_tokens` each; see `tnt.generation` for the policy.
     `stop_at_eos=False` makes exactly `max_new_tokens` (benchmarks)."""
     cfg = model.cfg
-    if use_cache and (why := uncacheable(cfg)):
-        warnings.warn(why, stacklevel=2)
-        use_cache = False
     batch = prepare(cfg, prompts, max_new_tokens, 1, warn)
     run = _generate_cached if use_cache else _generate_uncached
     eos = cfg.eos_id if stop_at_eos else None
