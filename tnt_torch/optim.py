@@ -87,7 +87,7 @@ class TnTOptimizer(torch.optim.AdamW):
                          "weight_decay": t.weight_decay if wd else 0.0}
                         for (e, wd), ps in groups.items()]
         if fused is None:
-            fused = all(p.device.type == "cpu" for p in named.values())
+            fused = all(p.device.type in ("cpu", "cuda") for p in named.values())
         super().__init__(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                          weight_decay=0.0, fused=fused or None, foreach=None if fused else True)
         self.train_cfg = t
