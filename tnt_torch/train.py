@@ -37,9 +37,10 @@ COMPILE_ENV = "TNT_TORCH_COMPILE"
 def want_compile(compile: bool | None = None) -> bool:
     """Whether to compile the blocks: the argument, else `TNT_TORCH_COMPILE=1`; off by default.
 
-    Measured on the 2-core CPU (decoder_only d256 L4 seq 256 batch 8, and the `cpu` preset):
-    compiling saves 10-15% of a step's CPU time but costs 30-40 s before the first step (a few
-    seconds once inductor's on-disk cache is warm), so it pays only for runs of many minutes.
+    Measured on the 2-core CPU, decoder_only d256 L4 H4, batch 8 x 256, vocab 320
+    (`experiments.bench`): eager 365 ms/step (5.6k tok/s), compiled 350-360 ms/step; one thread:
+    10-15% less CPU time per step, also on the `cpu` preset. The first compile costs 30-40 s (2-3 s
+    once inductor's on-disk cache is warm), so it pays only for runs of many minutes.
     """
     if compile is not None:
         return compile
