@@ -57,6 +57,5 @@ def test_five_steps_give_the_same_parameters(arch, norm, device, tol, report):
             for side in (j, t):
                 np.testing.assert_allclose(np.linalg.norm(side[name], axis=spec.project_axis), 1.0,
                                            atol=tol["sphere"], err_msg=name)
-    assert j_losses[-1] < j_losses[0]  # it trained
     moved = max(float(np.abs(t[n] - v).max()) for n, v in models(cfg, device)[2].items())
     assert moved > 100 * tol["params"]  # the comparison is not between untouched weights

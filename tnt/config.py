@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 ARCHS = ("encoder_decoder", "decoder_only")
 NORMS = ("ngpt", "rmsnorm")
 ACTIVATIONS = ("gelu", "silu")
+ROPE_MODES = ("rotate", "ngpt_reference")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class ModelConfig:
     max_len_encoder: int = 256
     max_len_decoder: int = 256
     rope_base: float = 10000.0
+    rope_mode: str = "rotate"  # "ngpt_reference": the reference code's transform, import only
     base_scale: float = 0.0  # 0 means 1/sqrt(d_model) for ngpt, 0.02 for rmsnorm
     pad_id: int = 0
     bos_id: int = 1
@@ -46,6 +48,7 @@ class ModelConfig:
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("rope_mode", self.rope_mode, ROPE_MODES)
         for name in ("vocab_size", "d_model", "n_heads", "n_decoder_layers", "max_len_encoder",
                      "max_len_decoder"):
             _check_positive(name, getattr(self, name))

@@ -96,8 +96,12 @@ class BPETokenizer:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
-def tokenizer_from_spec(spec: dict) -> Tokenizer:
+def tokenizer_from_spec(spec: dict) -> Tokenizer | None:
+    """The tokenizer a spec describes; None for kind "none" (weights imported from elsewhere,
+    e.g. the nGPT reference, whose tokenizer TnT cannot ship: bring your own ids)."""
     kind = spec.get("kind")
+    if kind == "none":
+        return None
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":

@@ -19,6 +19,7 @@ from flax import nnx
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
+from tnt.rope import reference_swap_table, rotate_half_tables
 
 
 def l2norm(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -57,10 +58,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def rope_tables(length: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1."""
-    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1 (`tnt.rope`)."""
+    cos, sin = rotate_half_tables(length, head_dim, base)
+    return jnp.asarray(cos), jnp.asarray(sin)
 
 
 def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -> jax.Array:
@@ -68,6 +68,14 @@ def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -
     x1, x2 = jnp.split(x_BxLxHxK, 2, axis=-1)
     cos, sin = cos_LxK2[None, :, None, :], sin_LxK2[None, :, None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def apply_reference_rope(x_BxLxHxK: jax.Array, table_LxK: jax.Array) -> jax.Array:
+    """`rope_mode="ngpt_reference"`, for imported checkpoints only: the public nGPT code's
+    transform (not a rotation, NVIDIA/ngpt#10), `swap_pairs(x) * T` with `T` from
+    `tnt.rope.reference_swap_table`."""
+    pairs = x_BxLxHxK.reshape(*x_BxLxHxK.shape[:-1], -1, 2)[..., ::-1]
+    return pairs.reshape(x_BxLxHxK.shape) * table_LxK[None, :, None, :]
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -136,8 +144,11 @@ class Attention(nnx.Module):
         v = heads(kv_BxSxD @ self.wv[...])
         if self.rope:
             cos, sin = rope_tables
-            q = apply_rope(q, cos[:L], sin[:L])
-            k = apply_rope(k, cos[:k.shape[1]], sin[:k.shape[1]])
+            S = k.shape[1]
+            if cos is None:  # rope_mode="ngpt_reference": `sin` holds the reference's table
+                q, k = apply_reference_rope(q, sin[:L]), apply_reference_rope(k, sin[:S])
+            else:
+                q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:S], sin[:S])
         if self.ngpt:
             s_qk = self.s_qk[...].reshape(self.n_heads, self.head_dim)
             q, k = s_qk * l2norm(q), s_qk * l2norm(k)
@@ -255,7 +266,11 @@ class TnT(nnx.Module):
             check_token_ids(np.asarray(tokens), self.cfg.vocab_size, what)
 
     def rope(self, length: int):
-        return rope_tables(length, self.cfg.head_dim, self.cfg.rope_base)
+        """(cos, sin) for `apply_rope`, or (None, table) with `rope_mode="ngpt_reference"`."""
+        cfg = self.cfg
+        if cfg.rope_mode == "ngpt_reference":
+            return None, jnp.asarray(reference_swap_table(length, cfg.head_dim, cfg.rope_base))
+        return rope_tables(length, cfg.head_dim, cfg.rope_base)
 
     def encode(self, enc_tokens_BxS: jax.Array) -> jax.Array:
         """The encoder output [B, S, D] (ngpt: unit vectors; rmsnorm: after the final norm)."""

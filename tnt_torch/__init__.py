@@ -6,6 +6,7 @@ from tnt_torch.checkpoint import load_checkpoint
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
 from tnt_torch.optim import TnTOptimizer, UnitNormProjection, build_optimizer
+from tnt_torch.reference import import_reference
 
-__all__ = ["TnT", "TnTOptimizer", "UnitNormProjection", "build_optimizer", "inference",
+__all__ = ["TnT", "TnTOptimizer", "UnitNormProjection", "build_optimizer", "import_reference", "inference",
            "load_canonical", "load_checkpoint", "loss_fn", "to_canonical"]

@@ -19,6 +19,7 @@ from torch import nn
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
+from tnt.rope import reference_swap_table, rotate_half_tables
 
 
 class _L2Norm(torch.autograd.Function):
@@ -54,12 +55,10 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
 
 
 def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1 (float64 -> float32,
-    exactly as tnt_jax.model.rope_tables)."""
-    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return (torch.from_numpy(np.cos(angles).astype(np.float32)),
-            torch.from_numpy(np.sin(angles).astype(np.float32)))
+    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1 (`tnt.rope`, shared
+    with tnt_jax)."""
+    cos, sin = rotate_half_tables(length, head_dim, base)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def rope_full(cos_LxK2: torch.Tensor, sin_LxK2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +84,7 @@ def reference_rope_table(length: int, head_dim: int, base: float) -> torch.Tenso
     and `C` (second), and it returns `out[2i] = -x[2i+1] C[i]`, `out[2i+1] = x[2i] S[i]`.
     Returned here as one [L, dh] table `T` with `T[2i] = -C[i]`, `T[2i+1] = S[i]`, so that
     `out = swap_pairs(x) * T` (`apply_reference_rope`)."""
-    inv_freq = np.exp(np.arange(0, head_dim, 2, dtype=np.float64) * (-np.log(base) / head_dim))
-    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    emb = np.zeros((length, head_dim))
-    emb[:, 0::2], emb[:, 1::2] = np.sin(angles), np.cos(angles)
-    half = head_dim // 2
-    sin_half, cos_half = emb[:, :half].astype(np.float32), emb[:, half:].astype(np.float32)
-    table = np.empty((length, head_dim), np.float32)
-    table[:, 0::2], table[:, 1::2] = -cos_half, sin_half
-    return torch.from_numpy(table)
+    return torch.from_numpy(reference_swap_table(length, head_dim, base))
 
 
 def apply_reference_rope(x: torch.Tensor, table_LxK: torch.Tensor) -> torch.Tensor:
@@ -327,7 +318,7 @@ class TnT(nn.Module):
         key = (length, device)
         if key not in self._rope_cache:
             dh, base = self.cfg.head_dim, self.cfg.rope_base
-            if getattr(self.cfg, "rope_mode", "rotate") == "ngpt_reference":
+            if self.cfg.rope_mode == "ngpt_reference":
                 tables = (None, reference_rope_table(length, dh, base).to(device))
             else:
                 cos, sin = rope_full(*rope_tables(length, dh, base))

@@ -1,0 +1,87 @@
+"""Import weights trained with the public nGPT reference code (NVIDIA/ngpt, decoder-only).
+
+The reference names its parameters `transformer.wte.weight`, `transformer.h.{i}.{query,key,value,
+att_c_proj,c_fc,mlp_c_proj}.weight` (`nn.Linear`, `[out, in]`), `transformer.h.{i}.{attn_alpha,
+mlp_alpha,sqk,suv}`, `lm_head.weight`, `sz` (nGPT), or `rmsnorm_att/rmsnorm_mlp/rmsnorm_f.weight`
+(its baseline). It stores each scaler at a small value and multiplies it by `init/scale` in the
+forward; TnT stores the effective value (DESIGN.md), so importing converts
+`effective = stored * init/scale` (alpha: 0.05/base_scale; sqk, sz: 1/base_scale; suv: 1) and
+transposes every matrix to `[in, out]`.
+
+The reference's position transform is not a rotation; the imported config therefore sets
+`rope_mode="ngpt_reference"` (see `tnt.rope`) so the model computes what it was trained with.
+Pass `rope_mode="rotate"` to get TnT's correct RoPE instead (the weights then need fine-tuning).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from tnt.config import ModelConfig
+from tnt.params import ALPHA_INIT, check_canonical
+
+
+def _strip(name: str) -> str:
+    """Drop the prefixes torch.compile / DDP add (`_orig_mod.`, `module.`)."""
+    return re.sub(r"^(_orig_mod\.|module\.)+", "", name)
+
+
+def convert_reference(state: dict[str, np.ndarray], n_heads: int, base_scale: float | None = None,
+                      rope_mode: str = "ngpt_reference", max_len: int = 1024, pad_id: int = 0,
+                      bos_id: int = 1, eos_id: int = 2) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """(canonical params, ModelConfig) from a reference state dict (arrays as numpy float32).
+
+    `base_scale` is the reference config's `base_scale` (default 1/sqrt(n_embd)); `n_heads` and
+    `max_len` (its `block_size`) are not recoverable from the weights, so they are asked for.
+    """
+    state = {_strip(k): np.asarray(v, np.float32) for k, v in state.items()}
+    if "transformer.wte.weight" not in state:
+        raise KeyError("not an nGPT reference state dict: no transformer.wte.weight")
+    vocab, d = state["transformer.wte.weight"].shape
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))})
+    if layers != list(range(len(layers))) or not layers:
+        raise KeyError(f"reference layers must be numbered 0..n-1, found {layers[:8]}")
+    ngpt = "sz" in state
+    scale = base_scale if base_scale is not None else 1.0 / math.sqrt(d)
+    hidden = state["transformer.h.0.c_fc.weight"].shape[0] // 2
+    cfg = ModelConfig(arch="decoder_only", norm="ngpt" if ngpt else "rmsnorm", vocab_size=vocab,
+                      d_model=d, n_heads=n_heads, n_decoder_layers=len(layers), mlp_hidden=hidden,
+                      activation="silu", max_len_encoder=max_len, max_len_decoder=max_len,
+                      rope_mode=rope_mode, base_scale=scale, pad_id=pad_id, bos_id=bos_id,
+                      eos_id=eos_id)
+    used: set[str] = set()
+
+    def take(name: str) -> np.ndarray:
+        if name not in state:
+            raise KeyError(f"reference state dict lacks {name}")
+        used.add(name)
+        return state[name]
+
+    out = {"decoder.embed": take("transformer.wte.weight"), "lm_head": take("lm_head.weight").T}
+    for i in layers:
+        ref, own = f"transformer.h.{i}", f"decoder.layers.{i}"
+        for theirs, ours in (("query", "attn.wq"), ("key", "attn.wk"), ("value", "attn.wv"),
+                             ("att_c_proj", "attn.wo"), ("c_fc", "mlp.w_in"),
+                             ("mlp_c_proj", "mlp.w_out")):
+            out[f"{own}.{ours}"] = take(f"{ref}.{theirs}.weight").T
+        if ngpt:
+            out[f"{own}.attn.alpha"] = take(f"{ref}.attn_alpha") * (ALPHA_INIT / scale)
+            out[f"{own}.mlp.alpha"] = take(f"{ref}.mlp_alpha") * (ALPHA_INIT / scale)
+            out[f"{own}.attn.s_qk"] = take(f"{ref}.sqk") * (1.0 / scale)
+            out[f"{own}.mlp.s_uv"] = take(f"{ref}.suv") * 1.0
+        else:
+            out[f"{own}.attn_norm.scale"] = take(f"{ref}.rmsnorm_att.weight")
+            out[f"{own}.mlp_norm.scale"] = take(f"{ref}.rmsnorm_mlp.weight")
+    if ngpt:
+        out["s_z"] = take("sz") * (1.0 / scale)
+    else:
+        out["decoder.final_norm.scale"] = take("rmsnorm_f.weight")
+    unused = sorted(set(state) - used)
+    if unused:
+        raise KeyError(f"reference state dict has names TnT does not know: {', '.join(unused[:8])}")
+    out = {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+    check_canonical(out, cfg)
+    return out, cfg
