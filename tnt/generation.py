@@ -111,21 +111,6 @@ class Batch:
         return int(self.lengths_B.max()) + self.n_new - 1
 
 
-def uncacheable(cfg: ModelConfig) -> str | None:
-    """Why `tnt_jax`'s KV-cached decoding cannot run this model, or None.
-
-    The JAX caches apply TnT's rotary embedding at each token's own position; a model configured
-    with the nGPT reference's position transform (`rope_mode="ngpt_reference"`, for imported
-    checkpoints) is decoded there by full recompute, which runs the model's own forward and is
-    exact, only slower. (`tnt_torch`'s caches apply either transform.)
-    """
-    mode = getattr(cfg, "rope_mode", "rotate")
-    if mode != "rotate":
-        return (f"rope_mode={mode!r}: the KV cache supports rope_mode='rotate' only; decoding by "
-                f"full recompute instead")
-    return None
-
-
 def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(cap, -(-n // multiple) * multiple) if multiple > 1 else n
 

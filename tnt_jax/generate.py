@@ -8,8 +8,9 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
   layer's cross-attention keys and values are computed once, and the decoder keeps a
   fixed-size self-attention KV cache `[B, cache_len, H, dh]` per layer. The prompt is prefilled
   in one pass; the new tokens are made in a `lax.while_loop` that stops when every row has
-  reached eos. Cached keys are stored as attention uses them: rotated at their own position and,
-  for ngpt, normalized and scaled by `s_qk`.
+  reached eos. Cached keys are stored as attention uses them: rotated at their own position (or,
+  for `rope_mode="ngpt_reference"`, transformed as the reference code does) and, for ngpt,
+  normalized and scaled by `s_qk`.
 - `generate(..., use_cache=False)`: the seed's method, the whole model (encoder and decoder) run
   again for every new token on a fixed-size buffer; the reference for tests and the baseline of
   `python -m experiments.bench generate`.
@@ -19,7 +20,6 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 
 import jax
@@ -36,9 +36,8 @@ from tnt.generation import (
     collect,
     prepare,
     run_inference,
-    uncacheable,
 )
-from tnt_jax.model import TnT, attend, l2norm, merge_params, rope_tables, split_params
+from tnt_jax.model import TnT, attend, l2norm, merge_params, split_params
 
 BUCKET = 16  # prompt lengths are padded to a multiple of this: fewer shapes to compile
 
@@ -118,6 +117,20 @@ def _rope_rows(x_BxTxHxK, cos_BxTxK2, sin_BxTxK2) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _reference_rows(x_BxTxHxK, table_BxTxK) -> jax.Array:
+    """`apply_reference_rope` (rope_mode="ngpt_reference") at per-row positions."""
+    pairs = x_BxTxHxK.reshape(*x_BxTxHxK.shape[:-1], -1, 2)[..., ::-1]
+    return pairs.reshape(x_BxTxHxK.shape) * table_BxTxK[:, :, None, :]
+
+
+def _position(x_BxTxHxK, cols_BxT, rope) -> jax.Array:
+    """The model's position transform (`TnT.rope`'s tables) at each row's own positions."""
+    cos, sin = rope
+    if cos is None:  # rope_mode="ngpt_reference": `sin` holds the reference's table
+        return _reference_rows(x_BxTxHxK, sin[cols_BxT])
+    return _rope_rows(x_BxTxHxK, cos[cols_BxT], sin[cols_BxT])
+
+
 def _heads(attn, x_BxTxD) -> jax.Array:
     return x_BxTxD.reshape(*x_BxTxD.shape[:2], attn.n_heads, attn.head_dim)
 
@@ -141,11 +154,8 @@ def _self_attention(attn, x_BxTxD, cols_BxT, rope, cache, prefill: bool):
     own position and attends to that row's cache up to it.
     """
     B, T, D = x_BxTxD.shape
-    cos, sin = rope
-    q = _qk_norm(attn, _rope_rows(_heads(attn, x_BxTxD @ attn.wq[...]), cos[cols_BxT],
-                                  sin[cols_BxT]))
-    k = _qk_norm(attn, _rope_rows(_heads(attn, x_BxTxD @ attn.wk[...]), cos[cols_BxT],
-                                  sin[cols_BxT]))
+    q = _qk_norm(attn, _position(_heads(attn, x_BxTxD @ attn.wq[...]), cols_BxT, rope))
+    k = _qk_norm(attn, _position(_heads(attn, x_BxTxD @ attn.wk[...]), cols_BxT, rope))
     v = _heads(attn, x_BxTxD @ attn.wv[...])
     k_cache, v_cache = cache
     if prefill:
@@ -210,7 +220,7 @@ def _generate_cached(graphdef, params, enc_BxS, dec_BxP, lengths_B, knobs, n_new
     model = merge_params(graphdef, params)
     cfg = model.cfg
     B, P = dec_BxP.shape
-    rope = rope_tables(cache_len, cfg.head_dim, cfg.rope_base)
+    rope = model.rope(cache_len)
     cross, enc_valid = None, None
     if enc_BxS is not None:
         enc_out = model.encode(enc_BxS)
@@ -291,9 +301,6 @@ def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int,
     decoder_only) by up to `max_new_tokens` each; see `tnt.generation` for the policy.
     `stop_at_eos=False` makes exactly `max_new_tokens` (benchmarks)."""
     cfg = model.cfg
-    if use_cache and (why := uncacheable(cfg)):
-        warnings.warn(why, stacklevel=2)
-        use_cache = False
     batch = prepare(cfg, prompts, max_new_tokens, bucket if use_cache else 1, warn)
     graphdef, params = split_params(model)
     knobs, key = _knobs(sampling), jax.random.key(sampling.seed)
