@@ -1,23 +1,19 @@
-"""Find and read a checkpoint of either backend as canonical numpy parameters.
+"""A checkpoint of either backend as canonical numpy parameters, for the analysis tools.
 
-The backend is told by the step folder's layout (DESIGN.md's checkpoint formats):
-- torch: `<step>/params.safetensors` + `<step>/meta.json`, read with `safetensors.numpy`
-  (no torch import);
-- jax (orbax): `<step>/state/` + `<step>/meta/`, read with `tnt_jax.checkpoint.read_params`.
-Both give the canonical `[in, out]` float32 names of `tnt/params.py`.
+The reading itself (both layouts, errors) is `tnt.checkpoint_io`'s; this adds the run-dir view.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tnt.checkpoint_meta import CheckpointError, check_meta
+from tnt.checkpoint_io import find_checkpoint, locate, read_canonical
 from tnt.config import RunConfig
-from tnt.params import check_canonical
+
+__all__ = ["Checkpoint", "locate", "read_checkpoint"]
 
 
 @dataclass
@@ -42,58 +38,8 @@ class Checkpoint:
         return parent.parent if parent.name == "checkpoints" else None
 
 
-def layout(step_dir: Path) -> str | None:
-    """"jax", "torch", or None when `step_dir` is not a committed checkpoint step folder."""
-    if not step_dir.name.isdigit() or not step_dir.is_dir():
-        return None
-    if (step_dir / "params.safetensors").is_file() and (step_dir / "meta.json").is_file():
-        return "torch"
-    if (step_dir / "state").is_dir() and (step_dir / "meta").is_dir():
-        return "jax"
-    return None
-
-
-def locate(path: str | Path) -> tuple[Path, str] | None:
-    """A run dir, its `checkpoints` folder or a step folder -> (latest step folder, backend);
-    None when there is no committed checkpoint there."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    kind = layout(path)
-    if kind:
-        return path, kind
-    found = sorted((int(p.name), p) for p in path.iterdir() if layout(p)) if path.is_dir() else []
-    if not found:
-        return None
-    return found[-1][1], layout(found[-1][1])
-
-
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """The canonical params and metadata of the latest checkpoint under `path`, either backend."""
-    where = locate(path)
-    if where is None:
-        raise CheckpointError(f"{Path(path).absolute()} holds no committed TnT checkpoint")
-    step_dir, kind = where
-    if kind == "jax":
-        from tnt_jax.checkpoint import read_params
-
-        params, meta = read_params(step_dir)
-    else:
-        from safetensors.numpy import load_file
-
-        try:
-            meta = check_meta(json.loads((step_dir / "meta.json").read_text()), str(step_dir))
-            params = load_file(str(step_dir / "params.safetensors"))
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error type for a bad file
-            raise CheckpointError(f"checkpoint {step_dir} is corrupt: {e}") from e
-    cfg = RunConfig.from_dict(meta["config"]).model
-    try:
-        check_canonical(params, cfg)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {step_dir} does not match its own config: {e}") from e
-    return Checkpoint({k: np.asarray(v, np.float32) for k, v in params.items()}, meta, kind,
-                      step_dir)
+    step_dir, kind = find_checkpoint(path)
+    params, meta = read_canonical(step_dir)
+    return Checkpoint(params, meta, kind, step_dir)

@@ -1,28 +1,11 @@
-"""Shared fixtures: tiny configs so the whole suite runs in minutes on 2 cores."""
+"""Shared fixtures; helpers for tiny configs live in `helpers.py`."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tnt.config import ModelConfig
-
-
-def tiny_config(arch: str = "encoder_decoder", norm: str = "ngpt", **kw) -> ModelConfig:
-    base = dict(arch=arch, norm=norm, vocab_size=40, d_model=32, n_heads=2, n_encoder_layers=1,
-                n_decoder_layers=2, max_len_encoder=16, max_len_decoder=16)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-ARCH_NORMS = [(a, n) for a in ("encoder_decoder", "decoder_only") for n in ("ngpt", "rmsnorm")]
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
-
-def random_tokens(rng: np.random.Generator, shape, vocab: int = 40) -> np.ndarray:
-    """Ids in [3, vocab): never pad/bos/eos."""
-    return rng.integers(3, vocab, size=shape).astype(np.int32)

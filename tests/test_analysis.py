@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -13,7 +14,6 @@ from experiments import analyze
 from experiments.checkpoints import read_checkpoint
 from experiments.dynamics import Dynamics, chosen_layers
 from experiments.pretrain import main as pretrain_main
-from tests.conftest import tiny_config
 from tnt import analysis
 from tnt.params import param_specs, unit_norm
 

@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH_NORMS, tiny_config
 from flax import nnx
+from helpers import ARCH_NORMS, tiny_config
 
 import tnt_jax.generate as jg
 import tnt_torch.generate as tg

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import nnx
+from helpers import tiny_config
 
 from experiments import bench
 from experiments import generate as cli

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ARCH_NORMS, random_tokens, tiny_config
 from flax import nnx
+from helpers import ARCH_NORMS, random_tokens, tiny_config
 
 from tnt.params import param_specs
 from tnt_jax.model import (

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_tokens, tiny_config
 from flax import nnx
+from helpers import random_tokens, tiny_config
 
 from tnt.config import TrainConfig
 from tnt.params import param_specs

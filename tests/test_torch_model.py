@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ARCH_NORMS, random_tokens, tiny_config
 
-from tests.conftest import ARCH_NORMS, random_tokens, tiny_config
 from tnt.params import param_specs
 from tnt_torch.model import Mask, TnT, attend, l2norm, load_canonical, loss_fn, to_canonical
 

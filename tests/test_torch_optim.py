@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import random_tokens, tiny_config
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tests.conftest import random_tokens, tiny_config
 from tnt.config import TrainConfig
 from tnt.params import param_specs
 from tnt.schedule import learning_rate

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import random_tokens, tiny_config
 
-from tests.conftest import random_tokens, tiny_config
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import RunConfig, TrainConfig
 from tnt.tokenizer import ByteTokenizer

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import ARCH_NORMS, random_tokens, tiny_config
 
 import tnt_jax.model as jm
 import tnt_torch.model as tm
-from tests.conftest import ARCH_NORMS, random_tokens, tiny_config
 from tnt.config import TrainConfig
 from tnt_jax.generate import greedy as jax_greedy
 from tnt_jax.optim import build_optimizer as jax_optimizer

@@ -34,8 +34,9 @@ def layout(step_dir: Path) -> str | None:
     return None
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """A run dir, its `checkpoints` folder or a step folder -> (latest step folder, backend)."""
+def locate(path: str | Path) -> tuple[Path, str] | None:
+    """A run dir, its `checkpoints` folder or a step folder -> (latest step folder, backend), or
+    None when there is no committed checkpoint there. A missing path is an error."""
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -44,12 +45,17 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str]:
     kind = layout(path)
     if kind:
         return path, kind
-    if path.is_dir():
-        found = sorted((int(p.name), p) for p in path.iterdir() if layout(p))
-        if found:
-            step_dir = found[-1][1]
-            return step_dir, layout(step_dir)
-    raise CheckpointError(f"{path} is not a TnT checkpoint and holds no committed one")
+    found = sorted((int(p.name), p) for p in path.iterdir() if layout(p)) if path.is_dir() else []
+    return (found[-1][1], layout(found[-1][1])) if found else None
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """`locate`, raising CheckpointError when nothing is there."""
+    where = locate(path)
+    if where is None:
+        raise CheckpointError(f"{Path(path).absolute()} is not a TnT checkpoint and holds no "
+                              f"committed one")
+    return where
 
 
 def read_meta(step_dir: Path, kind: str) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -78,21 +77,6 @@ def restore(path: str | Path, target: dict, expected: ModelConfig) -> tuple[dict
         raise CheckpointError(f"checkpoint {directory / str(step)} is corrupt or does not match "
                               f"the model: {e}") from e
     return state, meta
-
-
-def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The canonical params of a checkpoint as numpy, without knowing its shapes in advance."""
-    directory, step, meta = read_meta(path)
-    manager = open_manager(directory)
-    try:
-        tree = manager.item_metadata(step).state
-        args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                       dict(tree["params"]))}
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": dict(tree["params"])}, restore_args=args, partial_restore=True))).state
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {directory / str(step)} is corrupt or partial: {e}") from e
-    return {k: np.asarray(v) for k, v in state["params"].items()}, meta
 
 
 def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
