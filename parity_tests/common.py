@@ -24,12 +24,13 @@ def config(arch: str, norm: str, activation: str = "gelu") -> ModelConfig:
 
 
 def padded_batch(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Uneven lengths: each row is padded at its end by a different amount (row 0 not at all)."""
+    """Uneven lengths: each row is padded at its end by a different amount (row 0 not at all);
+    row 3's encoder input is all padding, so its cross-attention sees no key (output exactly 0)."""
     rng = np.random.default_rng(seed)
-    B, Le, Ld = 3, 11, 9
+    B, Le, Ld = 4, 11, 9
     enc = rng.integers(3, cfg.vocab_size, (B, Le)).astype(np.int32)
     dec = rng.integers(3, cfg.vocab_size, (B, Ld + 1)).astype(np.int32)
-    for row, (e_len, d_len) in enumerate([(Le, Ld + 1), (7, 6), (3, 4)]):
+    for row, (e_len, d_len) in enumerate([(Le, Ld + 1), (7, 6), (3, 4), (0, 8)]):
         enc[row, e_len:] = cfg.pad_id
         dec[row, d_len:] = cfg.pad_id
     batch = {"dec_tokens": dec[:, :-1], "labels": dec[:, 1:]}
