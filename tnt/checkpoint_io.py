@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tnt.checkpoint_meta import CheckpointError, check_meta
-from tnt.config import RunConfig
+from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
+from tnt.config import ModelConfig, RunConfig
 from tnt.params import check_canonical
+from tnt.tokenizer import tokenizer_from_spec
 
 JAX, TORCH = "jax", "torch"
 
@@ -112,3 +113,14 @@ def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {step_dir} does not match its own config: {e}") from e
     return params, meta
+
+
+def read_for_model(path: str | Path, expect: ModelConfig | None = None):
+    """(canonical params, RunConfig, tokenizer) for a framework's `load_checkpoint`. With
+    `expect`, a checkpoint whose model config differs is refused, naming the fields."""
+    params, meta = read_canonical(path)
+    cfg = RunConfig.from_dict(meta["config"])
+    if expect is not None and (diff := config_differences(cfg.model, expect)):
+        raise CheckpointError(f"checkpoint {path} does not match the expected model: "
+                              + "; ".join(diff))
+    return params, cfg, tokenizer_from_spec(meta["tokenizer"])

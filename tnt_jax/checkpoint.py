@@ -13,10 +13,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tnt.checkpoint_io import read_canonical
+from tnt.checkpoint_io import read_for_model
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
 from tnt.config import ModelConfig, RunConfig
-from tnt.tokenizer import tokenizer_from_spec
 from tnt_jax.model import TnT, load_canonical
 
 
@@ -85,10 +84,6 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     `path` is a run dir, its `checkpoints` folder or one step folder. With `expect`, a checkpoint
     whose model config differs is refused, naming the fields.
     """
-    params, meta = read_canonical(path)
-    cfg = RunConfig.from_dict(meta["config"])
-    if expect is not None and (diff := config_differences(cfg.model, expect)):
-        raise CheckpointError(f"checkpoint {path} does not match the expected model: "
-                              + "; ".join(diff))
+    params, cfg, tokenizer = read_for_model(path, expect)
     model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
-    return model, cfg, tokenizer_from_spec(meta["tokenizer"])
+    return model, cfg, tokenizer

@@ -19,11 +19,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from tnt.checkpoint_io import read_canonical
+from tnt.checkpoint_io import read_for_model
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
 from tnt.config import ModelConfig, RunConfig
 from tnt.params import check_canonical
-from tnt.tokenizer import tokenizer_from_spec
 
 PARAMS_FILE = "params.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -162,10 +161,6 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     """
     from tnt_torch.model import TnT, load_canonical
 
-    params, meta = read_canonical(path)
-    cfg = RunConfig.from_dict(meta["config"])
-    if expect is not None and (diff := config_differences(cfg.model, expect)):
-        raise CheckpointError(f"checkpoint {path} does not match the expected model: "
-                              + "; ".join(diff))
+    params, cfg, tokenizer = read_for_model(path, expect)
     model = load_canonical(TnT(cfg.model), params)
-    return model.eval(), cfg, tokenizer_from_spec(meta["tokenizer"])
+    return model.eval(), cfg, tokenizer
