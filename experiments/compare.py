@@ -1,7 +1,7 @@
 """Did normalization pay off? `python -m experiments.compare [--backend jax] [--arch ...]`
 
 Trains an nGPT model and its RMSNorm (pre-norm) baseline of the same shape on the same data, token
-budget and seed with `experiments.pretrain`, each with its own DESIGN.md optimizer defaults (ngpt:
+budget and seed with `experiments.pretrain`, each with its own docs/design.md optimizer defaults (ngpt:
 lr 15e-4, no warmup, no weight decay; rmsnorm: lr 6e-4, 100 warmup steps, weight decay 0.1; the
 peak learning rates can be tuned separately with `--ngpt-lr` and `--rmsnorm-lr`), then
 

@@ -1,4 +1,4 @@
-"""The speed-ups in tnt_jax.model compute DESIGN.md's formulas: each fast path against the plain
+"""The speed-ups in tnt_jax.model compute docs/design.md's formulas: each fast path against the plain
 expression it replaces, values and gradients, within float32 round-off."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_attend_matches_the_plain_formula_and_zeroes_fully_masked_rows(rng):
     scale = math.sqrt(K)
     fast, ref = attend(q, k, v, mask, scale), plain_attend(q, k, v, mask, scale)
     np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(fast)[0, :2] == 0.0)  # no visible key: exactly 0 (DESIGN.md)
+    assert np.all(np.asarray(fast)[0, :2] == 0.0)  # no visible key: exactly 0 (docs/design.md)
     g = jnp.asarray(rng.normal(size=(B, L, H, K)), jnp.float32)
     for i in range(3):
         def at(t, i=i, f=attend):

@@ -1,4 +1,4 @@
-"""Properties of the Flax NNX model (DESIGN.md, "Forward pass", "RoPE", "Masks")."""
+"""Properties of the Flax NNX model (docs/design.md, "Forward pass", "RoPE", "Masks")."""
 
 import jax
 import jax.numpy as jnp

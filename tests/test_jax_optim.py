@@ -70,7 +70,7 @@ def test_eigen_lr_reproduces_the_reference_reparametrization(rng):
     """Scalers stored at effective value + update multiplier == reference storage (`scale`)
     multiplied by init/scale in the forward, over 10 Adam steps.
 
-    The two agree "up to Adam's eps" (DESIGN.md): the reference's stored gradients are
+    The two agree "up to Adam's eps" (docs/design.md): the reference's stored gradients are
     `init/scale` times larger, so eps weighs differently where gradients are tiny (here some
     s_qk gradients are ~1e-7 and eps=1e-8 moves them by 5e-3). eps=1e-16 isolates the multiplier;
     clipping is kept inactive because the reference clips the stored (rescaled) gradients."""

@@ -89,7 +89,7 @@ def test_eigen_lr_equals_the_reference_reparametrization(rng):
     (the nGPT reference), equal scalers stored at their effective value whose updates are
     multiplied by init/scale (TnT), over 10 Adam steps.
 
-    The two are the same "up to eps" (DESIGN.md): the reference's gradient is init/scale times
+    The two are the same "up to eps" (docs/design.md): the reference's gradient is init/scale times
     larger, so Adam's eps weighs differently where |g| ~ eps (encoder s_qk has elements near 1e-7
     at init). eps=1e-12 on both sides takes that out and leaves float32 rounding: the reference
     rounds the small stored value and multiplies it back each step (~1e-6 after 10 steps).

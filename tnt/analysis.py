@@ -7,7 +7,7 @@ Every function takes the flat canonical dict (`tnt/params.py`: `decoder.layers.0
 scaling factors `s_qk`, `s_u`, `s_v`, `s_z`, condition numbers of the attention and MLP matrices,
 and the norms, covariance spectrum and pairwise cosine similarities of the embeddings.
 
-Scalers are reported at their stored value, which DESIGN.md fixes as the value the forward pass
+Scalers are reported at their stored value, which docs/design.md fixes as the value the forward pass
 uses, except `s_uv`: the forward pass multiplies it by `sqrt(d)` (the effective gate scale is
 `s_uv * sqrt(d)`). `s_uv [2F]` splits into `s_u = s_uv[:F]` and `s_v = s_uv[F:]`.
 
@@ -116,7 +116,7 @@ def is_ngpt(params) -> bool:
 
 
 def split_s_uv(s_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(s_u, s_v)`: the first and the last F entries of `s_uv [2F]` (DESIGN.md, forward pass)."""
+    """`(s_u, s_v)`: the first and the last F entries of `s_uv [2F]` (docs/design.md, forward pass)."""
     f = len(s_uv) // 2
     return s_uv[:f], s_uv[f:]
 
@@ -150,7 +150,7 @@ def embedding_names(params) -> list[str]:
 def eigen_lrs(params) -> dict[str, dict[str, np.ndarray]]:
     """`{stack: {block: array [n_layers, 2]}}` of `|alpha|` mean and std per layer (ngpt only).
 
-    The eigen learning rates are `|alpha|` (the forward pass uses `abs(alpha)`, DESIGN.md)."""
+    The eigen learning rates are `|alpha|` (the forward pass uses `abs(alpha)`, docs/design.md)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for stack, n in layers(params).items():
         for block in BLOCKS:

@@ -1,4 +1,4 @@
-"""Typed configuration shared by both frameworks (DESIGN.md, "Config").
+"""Typed configuration shared by both frameworks (docs/design.md, "Config").
 
 `ModelConfig` is saved as JSON in every checkpoint; the field names are the same in `tnt_jax`
 and `tnt_torch`. `TrainConfig` holds the optimizer, schedule, data and logging settings. Both are
@@ -84,7 +84,7 @@ class ModelConfig:
 
     @property
     def init_scale(self) -> float:
-        """The init std (DESIGN.md: 1/sqrt(d) for ngpt, 0.02 for rmsnorm)."""
+        """The init std (docs/design.md: 1/sqrt(d) for ngpt, 0.02 for rmsnorm)."""
         if self.base_scale:
             return self.base_scale
         return 1.0 / math.sqrt(self.d_model) if self.norm == "ngpt" else 0.02
@@ -96,7 +96,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer, schedule, data and bookkeeping. `None` means "the norm's default" (DESIGN.md)."""
+    """Optimizer, schedule, data and bookkeeping. `None` means "the norm's default" (docs/design.md)."""
 
     max_steps: int = 400
     batch_size: int = 16
@@ -157,7 +157,7 @@ class TrainConfig:
         return self.decay_steps or self.max_steps
 
     def resolved(self, norm: str) -> TrainConfig:
-        """The same config with every `None` replaced by the norm's default (DESIGN.md)."""
+        """The same config with every `None` replaced by the norm's default (docs/design.md)."""
         ngpt = norm == "ngpt"
         return dataclasses.replace(
             self,

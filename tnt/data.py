@@ -1,4 +1,4 @@
-"""Corpora, token files and batches, the same for both frameworks (DESIGN.md, "objective").
+"""Corpora, token files and batches, the same for both frameworks (docs/design.md, "objective").
 
 A corpus becomes two flat token streams (train, val) in which every document ends with eos.
 Sources: `stdlib` (the .py files of the running interpreter's standard library, sorted, split
@@ -191,7 +191,7 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str = "tokens") -
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """What a batch looks like: the objective of DESIGN.md for an arch."""
+    """What a batch looks like: the objective of docs/design.md for an arch."""
 
     arch: str
     batch_size: int

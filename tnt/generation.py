@@ -4,7 +4,7 @@
 run lives here once, in numpy, so the two cannot disagree:
 
 - **Prompts.** encoder_decoder: the prompt goes to the encoder and decoding starts from
-  `[bos]`, as training does (DESIGN.md, "decoding"). decoder_only: the prompt is the decoder's
+  `[bos]`, as training does (docs/design.md, "decoding"). decoder_only: the prompt is the decoder's
   prefix and the answer is its continuation; an empty prompt becomes `[bos]` (the only way to
   give the model a position to predict from).
 - **Lengths.** `max_new_tokens` is capped at `max_len_decoder` (a notice says so). A prompt
@@ -13,7 +13,7 @@ run lives here once, in numpy, so the two cannot disagree:
   `max_len_decoder - max_new_tokens + 1`, so that the prompt and every new token but the last
   (which is never fed back) fit the decoder's positions.
 - **Batches.** A list of prompts is right-padded with `pad_id` into one batch: every sequence
-  keeps positions 0, 1, ... (DESIGN.md's RoPE "positions from 0 per sequence"), pad keys are
+  keeps positions 0, 1, ... (docs/design.md's RoPE "positions from 0 per sequence"), pad keys are
   masked, and each row writes its new tokens at its own position. So a batch gives the same
   tokens as its prompts one at a time.
 - **Sampling** (`filter_logits`, mirrored in both frameworks): `pad_id` is never generated (a

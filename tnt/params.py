@@ -1,4 +1,4 @@
-"""Canonical parameter names, shapes and per-parameter rules (DESIGN.md, "Parameters").
+"""Canonical parameter names, shapes and per-parameter rules (docs/design.md, "Parameters").
 
 This is the single table both frameworks read: which names exist for a config, their `[in, out]`
 shapes, how each is initialized, along which axis the unit-norm projection acts, the eigen
@@ -25,7 +25,7 @@ class ParamSpec:
     init_std: float | None  # normal(0, std); None means constant `init_value`
     init_value: float = 0.0
     project_axis: int | None = None  # axis holding d_model, for the ngpt unit-norm projection
-    eigen_lr: float = 1.0  # update multiplier init/scale (DESIGN.md, eigen learning rates)
+    eigen_lr: float = 1.0  # update multiplier init/scale (docs/design.md, eigen learning rates)
     weight_decay: bool = False
 
     @property

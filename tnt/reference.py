@@ -4,7 +4,7 @@ The reference names its parameters `transformer.wte.weight`, `transformer.h.{i}.
 att_c_proj,c_fc,mlp_c_proj}.weight` (`nn.Linear`, `[out, in]`), `transformer.h.{i}.{attn_alpha,
 mlp_alpha,sqk,suv}`, `lm_head.weight`, `sz` (nGPT), or `rmsnorm_att/rmsnorm_mlp/rmsnorm_f.weight`
 (its baseline). It stores each scaler at a small value and multiplies it by `init/scale` in the
-forward; TnT stores the effective value (DESIGN.md), so importing converts
+forward; TnT stores the effective value (docs/design.md), so importing converts
 `effective = stored * init/scale` (alpha: 0.05/base_scale; sqk, sz: 1/base_scale; suv: 1) and
 transposes every matrix to `[in, out]`.
 

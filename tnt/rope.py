@@ -1,4 +1,4 @@
-"""Position tables for both frameworks (DESIGN.md, "RoPE"), computed once in float64 numpy.
+"""Position tables for both frameworks (docs/design.md, "RoPE"), computed once in float64 numpy.
 
 `rotate_half_tables` serve the standard rotary embedding TnT uses: pairs (x[i], x[i + dh/2])
 rotated by angle `pos * base^(-2i/dh)`.

@@ -1,4 +1,4 @@
-"""The learning-rate schedule, one formula for both frameworks (DESIGN.md, "Schedule")."""
+"""The learning-rate schedule, one formula for both frameworks (docs/design.md, "Schedule")."""
 
 from __future__ import annotations
 

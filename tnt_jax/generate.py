@@ -136,7 +136,7 @@ def _heads(attn, x_BxTxD) -> jax.Array:
 
 
 def _qk_norm(attn, t_BxTxHxK) -> jax.Array:
-    """ngpt: `s_qk * norm_dh(t)` (DESIGN.md); rmsnorm: unchanged."""
+    """ngpt: `s_qk * norm_dh(t)` (docs/design.md); rmsnorm: unchanged."""
     if attn.ngpt:
         return attn.s_qk[...].reshape(attn.n_heads, attn.head_dim) * l2norm(t_BxTxHxK)
     return t_BxTxHxK

@@ -1,6 +1,6 @@
 """The TnT model in Flax NNX: encoder-decoder or decoder-only, nGPT or pre-norm RMSNorm.
 
-Reads top to bottom like DESIGN.md, "Forward pass". Every parameter is created from the shared
+Reads top to bottom like docs/design.md, "Forward pass". Every parameter is created from the shared
 table `tnt.params.param_specs`, so names, shapes, init and the unit-norm rule are the ones the
 torch port uses too. Module attribute paths *are* the canonical names
 (`decoder.layers.0.attn.wq`), which makes export and import a flatten and a join.
@@ -97,7 +97,7 @@ split_halves.defvjp(lambda x: (split_halves(x), None),
 
 
 def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS, scale: float) -> jax.Array:
-    """Softmax attention; a query row whose keys are all masked outputs exactly 0 (DESIGN.md).
+    """Softmax attention; a query row whose keys are all masked outputs exactly 0 (docs/design.md).
 
     Cheaper on the [B, H, L, S] scores than the textbook order, same math: the scale multiplies
     q (L*dh numbers, not L*S), and the softmax's division is applied to the output
@@ -196,7 +196,7 @@ class Block(nnx.Module):
     pre-norm `h + f(rmsnorm(h))`.
 
     With ngpt the input `h` must be unit-norm (`Stack` normalizes the embedding; every update
-    ends in a norm), so DESIGN.md's inner `norm(h)` is the identity up to float32 round-off and
+    ends in a norm), so docs/design.md's inner `norm(h)` is the identity up to float32 round-off and
     is not recomputed. Its gradient is the identity on the tangent vectors it receives too.
     """
 
@@ -235,7 +235,7 @@ class Stack(nnx.Module):
 
     def __call__(self, tokens_BxL, self_mask, rope, enc=None, cross_mask=None) -> jax.Array:
         h = jnp.take(self.embed[...], tokens_BxL, axis=0)
-        if self.final_norm is None:  # ngpt: the blocks take unit vectors (DESIGN.md's norm(h))
+        if self.final_norm is None:  # ngpt: the blocks take unit vectors (docs/design.md's norm(h))
             h = l2norm(h)
         for layer in self.layers:
             h = layer(h, self_mask, rope, enc, cross_mask)
@@ -331,7 +331,7 @@ def merge_params(graphdef: nnx.GraphDef, params: dict[str, jax.Array]) -> TnT:
 
 
 def to_canonical(model: TnT) -> dict[str, np.ndarray]:
-    """The canonical flat dict of DESIGN.md: float32 numpy arrays, `[in, out]` layout."""
+    """The canonical flat dict of docs/design.md: float32 numpy arrays, `[in, out]` layout."""
     return {n: np.asarray(v, dtype=np.float32) for n, v in split_params(model)[1].items()}
 
 

@@ -1,5 +1,5 @@
 """optax transforms for nGPT: eigen learning rates and the unit-norm projection, and the builder
-that chains them in DESIGN.md's order:
+that chains them in docs/design.md's order:
 
     clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers -> learning rate -> projection
 
@@ -54,7 +54,7 @@ def scale_by_eigen_lr(multiplier: Callable[[str], float]) -> optax.GradientTrans
 
 
 def unit_norm_projection(axis: Callable[[str], int | None]) -> optax.GradientTransformation:
-    """Return `norm(params + u) - params` for every leaf with a d_model axis (DESIGN.md).
+    """Return `norm(params + u) - params` for every leaf with a d_model axis (docs/design.md).
 
     Chain it last: afterwards `params + updates` is unit-norm along that axis. Leaves whose
     `axis(name)` is None (scalers, RMSNorm scales) pass through untouched.

@@ -1,7 +1,7 @@
 """Checkpoints of a torch run without pickle: safetensors for arrays, JSON for everything else.
 
 Layout: `RUN_DIR/checkpoints/<step>/{params.safetensors, optimizer.safetensors, meta.json}`.
-`params.safetensors` holds the canonical float32 `[in, out]` parameters (DESIGN.md), so the file
+`params.safetensors` holds the canonical float32 `[in, out]` parameters (docs/design.md), so the file
 reads the same as a JAX export; `optimizer.safetensors` holds Adam's `exp_avg`, `exp_avg_sq` and
 `step` per canonical name. A step is written into a hidden temporary folder and renamed into
 place with `os.replace`, so a crash never leaves a half-written step that looks complete; only

@@ -98,7 +98,7 @@ def _choose(logits_BxV: torch.Tensor, sampling: Sampling, gen: torch.Generator,
 # --- the cached decoder: the model's own layers, with attention reading and writing caches ------
 
 def _qk_norm(attn, t: torch.Tensor) -> torch.Tensor:
-    """ngpt: `s_qk * norm_dh(t)` (DESIGN.md); rmsnorm: unchanged."""
+    """ngpt: `s_qk * norm_dh(t)` (docs/design.md); rmsnorm: unchanged."""
     return l2norm(t) * attn.s_qk.view(attn.n_heads, attn.head_dim) if attn.ngpt else t
 
 

@@ -1,6 +1,6 @@
 """The TnT model in PyTorch: encoder-decoder or decoder-only, nGPT or pre-norm RMSNorm.
 
-The mirror of `tnt_jax/model.py`, and like it reads top to bottom as DESIGN.md, "Forward pass".
+The mirror of `tnt_jax/model.py`, and like it reads top to bottom as docs/design.md, "Forward pass".
 Every parameter is a plain `nn.Parameter` created from the shared table
 `tnt.params.param_specs` and stored in the canonical `[in, out]` layout (`y = x @ W`), so the
 module paths *are* the canonical names (`decoder.layers.0.attn.wq`) and export/import is a copy
@@ -50,7 +50,7 @@ def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm computed in float32 (DESIGN.md, rmsnorm baseline)."""
+    """RMSNorm computed in float32 (docs/design.md, rmsnorm baseline)."""
     return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(x.dtype)
 
 
@@ -78,7 +78,7 @@ def apply_rope(x: torch.Tensor, cos_LxK: torch.Tensor, sin_LxK: torch.Tensor) ->
 
 
 def reference_rope_table(length: int, head_dim: int, base: float) -> torch.Tensor:
-    """`rope_mode="ngpt_reference"` (import only, DESIGN.md "RoPE"): the public nGPT code's
+    """`rope_mode="ngpt_reference"` (import only, docs/design.md "RoPE"): the public nGPT code's
     transform, which is not a rotation (NVIDIA/ngpt#10). Its interleaved sinusoids
     `emb[p, 2j] = sin(p f_j)`, `emb[p, 2j+1] = cos(p f_j)` are split by halves into `S` (first)
     and `C` (second), and it returns `out[2i] = -x[2i+1] C[i]`, `out[2i+1] = x[2i] S[i]`.
@@ -95,7 +95,7 @@ def apply_reference_rope(x: torch.Tensor, table_LxK: torch.Tensor) -> torch.Tens
 class Mask:
     """Which keys each query may see. `None` fields mean "all": the no-padding causal case runs
     SDPA's `is_causal` fast path; otherwise a boolean `[B, 1, L, S]` mask, and rows with no
-    visible key are zeroed explicitly (DESIGN.md: exactly 0, never NaN)."""
+    visible key are zeroed explicitly (docs/design.md: exactly 0, never NaN)."""
 
     def __init__(self, causal: bool, keep_Bx1xLxS: torch.Tensor | None) -> None:
         self.causal = causal
@@ -380,7 +380,7 @@ def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
 
 def to_canonical(model: TnT) -> dict[str, np.ndarray]:
-    """The canonical flat dict of DESIGN.md, in `param_specs` order: float32 numpy copies,
+    """The canonical flat dict of docs/design.md, in `param_specs` order: float32 numpy copies,
     `[in, out]` layout."""
     named = dict(model.named_parameters())
     return {n: named[n].detach().to("cpu", torch.float32).numpy().copy()

@@ -1,4 +1,4 @@
-"""The TnT optimizer in PyTorch: one `step()` does DESIGN.md's whole update, in its order:
+"""The TnT optimizer in PyTorch: one `step()` does docs/design.md's whole update, in its order:
 
     clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers -> learning rate -> apply
          -> unit-norm projection (ngpt)
@@ -30,7 +30,7 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class UnitNormProjection:
-    """`p <- p / max(||p||, 1e-12)` along each matrix's d_model axis (DESIGN.md, "Unit-norm
+    """`p <- p / max(||p||, 1e-12)` along each matrix's d_model axis (docs/design.md, "Unit-norm
     projection"), batched with `_foreach` ops: squares, square roots, clamps and divisions each run
     as one call over all matrices normalized along the same axis; only the per-matrix reduction
     is a Python loop. (`(x*x).sum(axis)` is ~10x faster than `vector_norm` along a leading axis on
