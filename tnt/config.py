@@ -18,6 +18,8 @@ ARCHS = ("encoder_decoder", "decoder_only")
 NORMS = ("ngpt", "rmsnorm")
 ACTIVATIONS = ("gelu", "silu")
 ROPE_MODES = ("rotate", "ngpt_reference")
+DTYPES = ("float32", "bfloat16")  # the compute dtype; parameters and optimizer state stay float32
+REMATS = ("none", "block")  # activation checkpointing: keep every activation, or recompute per block
 
 
 class ConfigError(ValueError):
@@ -43,9 +45,13 @@ class ModelConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ARCHS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("remat", self.remat, REMATS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("rope_mode", self.rope_mode, ROPE_MODES)
@@ -100,6 +106,7 @@ class TrainConfig:
 
     max_steps: int = 400
     batch_size: int = 16
+    grad_accum: int = 1  # microbatches per global batch of batch_size rows
     seq_len: int = 64  # decoder length (decoder_only: the window is seq_len + 1 tokens)
     enc_len: int = 0  # encoder length for encoder_decoder; 0 means seq_len
     lr: float | None = None  # ngpt 15e-4, rmsnorm 6e-4
@@ -125,7 +132,7 @@ class TrainConfig:
     sample_tokens: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
                      "ckpt_every", "keep_checkpoints", "log_every", "bpe_vocab_size"):
             _check_positive(name, getattr(self, name))
         for name in ("enc_len", "decay_steps", "sample_tokens", "analysis_every"):
@@ -144,6 +151,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
+                              f"grad_accum={self.grad_accum}")
         _check_choice("tokenizer", self.tokenizer, ("byte", "bpe"))
         if not 0 < self.val_percent < 100:
             raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
