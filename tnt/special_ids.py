@@ -96,6 +96,9 @@ def resolve_import_ids(vocab_size: int, given: dict[str, int | None | str], mode
     `AUTO` means "from the source"); `model_args[name]`; the tokenizer file's special token for
     the role; GPT-2's `<|endoftext|>` (50256) when the vocabulary is GPT-2's size; else None.
     """
+    if vocab is not None and vocab.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer file {vocab.path} has {vocab.vocab_size} ids, more than the "
+                         f"checkpoint's vocabulary of {vocab_size}")
     ids: dict[str, int | None] = {"pad_id": vocab_size}
     sources = {"pad_id": f"appended row {vocab_size}: no source id is padding"}
     for name in ("bos_id", "eos_id"):
@@ -117,9 +120,6 @@ def resolve_import_ids(vocab_size: int, given: dict[str, int | None | str], mode
             raise ValueError(f"{name}={ids[name]!r} ({sources[name]}) is not an id of the "
                              f"source vocabulary [0, {vocab_size})")
     if vocab is not None:
-        if vocab.vocab_size > vocab_size:
-            raise ValueError(f"tokenizer file {vocab.path} has {vocab.vocab_size} ids, more than "
-                             f"the checkpoint's vocabulary of {vocab_size}")
         problems = special_id_collisions(ids, vocab)
         if problems:
             raise SpecialIdCollision(f"special ids collide with tokenizer file {vocab.path}: "
