@@ -10,8 +10,9 @@ import torch
 from helpers import tiny_config
 
 import tnt_torch
+from experiments.pretrain import fit_tokenizer
 from tnt.checkpoint_meta import make_meta
-from tnt.config import ConfigError, RunConfig, TrainConfig
+from tnt.config import ConfigError, RunConfig, TrainConfig, build_run_config
 from tnt.generation import TokenizerMismatch, check_tokenizer, prepare
 from tnt.special_ids import SpecialIdCollision, VocabularyFile, check_special_ids, resolve_import_ids
 from tnt.tokenizer import ByteTokenizer
@@ -106,3 +107,11 @@ def test_import_reads_special_ids_from_a_tokenizer_file(tmp_path):
     with pytest.raises(SpecialIdCollision, match="eos_id=2 is the tokenizer's real token '#'"):
         tnt_torch.import_reference(state, n_heads=4, max_len=16, eos_id=2,
                                    tokenizer_file=tmp_path / "tokenizer.json")
+
+
+def test_training_takes_special_ids_from_the_tokenizer_and_appends_a_missing_pad(tmp_path):
+    """A tokenizer without a pad (GPT-2's) gets the appended id, never a fixed 0."""
+    m = fit_tokenizer(build_run_config("cpu-tiny"), gpt2_like(tmp_path), False).model
+    assert (m.vocab_size, m.pad_id, m.bos_id, m.eos_id) == (11, 10, 9, 9)
+    m = fit_tokenizer(build_run_config("cpu-tiny"), ByteTokenizer(), False).model
+    assert (m.vocab_size, m.pad_id, m.bos_id, m.eos_id) == (259, 0, 1, 2)

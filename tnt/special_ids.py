@@ -59,6 +59,16 @@ def check_special_ids(cfg, tokenizer, where: str = "the model") -> None:
                                  + "; ".join(problems))
 
 
+def tokenizer_special_ids(tokenizer) -> tuple[int, dict[str, int | None]]:
+    """(the smallest model vocab_size, {pad_id, bos_id, eos_id}) for training with `tokenizer`:
+    its own special ids (bos/eos may be None), and, when it has no pad, an appended pad id
+    `tokenizer.vocab_size` that no real token uses (so the model needs one more id)."""
+    ids = {n: getattr(tokenizer, n, None) for n in NAMES}
+    if ids["pad_id"] is not None:
+        return tokenizer.vocab_size, ids
+    return tokenizer.vocab_size + 1, dict(ids, pad_id=tokenizer.vocab_size)
+
+
 class VocabularyFile:
     """The vocabulary and special tokens of a Hugging Face `tokenizer.json`, read as JSON (no
     tokenizer library): enough to name tokens and find the special ids, not to encode text."""
