@@ -1,6 +1,7 @@
 """Weights trained with the public nGPT reference code import into TnT and compute, in both
 frameworks, what the reference computes (checked against an independent numpy forward of it)."""
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from reference_forward import random_reference_state, reference_logits
 
 import tnt_jax
 import tnt_torch
+from experiments.analyze import analyze
 from tnt.checkpoint_io import read_canonical
 from tnt.generation import Sampling
 from tnt.reference import convert_reference
@@ -110,3 +112,14 @@ def test_rotate_mode_differs_and_bad_dicts_are_named():
         convert_reference({**state, "transformer.h.0.bias": np.zeros(3)}, 4)
     with pytest.raises(KeyError, match="no transformer.wte.weight"):
         convert_reference({"weight": np.zeros(3)}, 4)
+
+
+def test_analysis_of_an_imported_model_sees_the_source_tokens_only(tmp_path):
+    """experiments.analyze leaves the appended pad out: its embedding numbers are the source's."""
+    state = random_reference_state(50, 32, 1, False)
+    tnt_torch.import_reference(_save_reference(tmp_path, state, 32, 4), out=tmp_path / "run")
+    numbers = json.loads((analyze(tmp_path / "run").parent / "numbers.json").read_text())["numbers"]
+    for ours, theirs in (("lm_head", "lm_head.weight"), ("decoder.embed", "transformer.wte.weight")):
+        norms = np.linalg.norm(state[theirs].astype(np.float64), axis=1)
+        assert numbers[f"{ours} norm_mean"] == pytest.approx(norms.mean(), rel=1e-5)
+        assert numbers[f"{ours} norm_std"] == pytest.approx(norms.std(), rel=1e-4)
