@@ -68,7 +68,9 @@ def test_tokenizer_json_special_tokens_and_where_import_ids_come_from(tmp_path):
     with pytest.raises(SpecialIdCollision, match="eos_id=4 is the tokenizer's real token 'b'"):
         resolve_import_ids(10, {}, {"eos_id": 4}, vocab)
     with pytest.raises(ValueError, match=r"eos_id=10 \(given by the caller\) is not an id"):
-        resolve_import_ids(10, {"eos_id": 10}, {}, None)
+        resolve_import_ids(10, {"eos_id": np.int64(10)}, {}, None)
+    with pytest.raises(ValueError, match="bos_id must be a token id, None or 'auto', got 'eos'"):
+        resolve_import_ids(10, {"bos_id": "eos"}, {}, None)
     with pytest.raises(ValueError, match="has 10 ids, more than the checkpoint's vocabulary of 8"):
         resolve_import_ids(8, {}, {}, vocab)
     (tmp_path / "bad.json").write_text("{}")

@@ -17,6 +17,7 @@ nGPT reference's GPT-2 ids, a Hugging Face tokenizer) has real tokens there: GPT
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 NAMES = ("pad_id", "bos_id", "eos_id")
@@ -112,21 +113,9 @@ def resolve_import_ids(vocab_size: int, given: dict[str, int | None | str], mode
     ids: dict[str, int | None] = {"pad_id": vocab_size}
     sources = {"pad_id": f"appended row {vocab_size}: no source id is padding"}
     for name in ("bos_id", "eos_id"):
-        value = given.get(name, AUTO)
-        if value != AUTO:
-            ids[name], sources[name] = value, "given by the caller"
-        elif model_args.get(name) is not None:
-            ids[name], sources[name] = int(model_args[name]), f"model_args['{name}']"
-        elif vocab is not None and getattr(vocab, name) is not None:
-            i = getattr(vocab, name)
-            ids[name], sources[name] = i, f"tokenizer file {vocab.path.name}: {vocab.id_to_token(i)!r}"
-        elif vocab_size in GPT2_VOCABS:
-            ids[name] = GPT2_EOT
-            sources[name] = (f"GPT-2's <|endoftext|> (the reference trains on GPT-2 ids; "
-                             f"vocab_size {vocab_size})")
-        else:
-            ids[name], sources[name] = None, "none: neither the caller nor the source names one"
-        if ids[name] is not None and not (isinstance(ids[name], int) and 0 <= ids[name] < vocab_size):
+        ids[name], sources[name] = _source_id(name, given.get(name, AUTO), vocab_size,
+                                              model_args, vocab)
+        if ids[name] is not None and not 0 <= ids[name] < vocab_size:
             raise ValueError(f"{name}={ids[name]!r} ({sources[name]}) is not an id of the "
                              f"source vocabulary [0, {vocab_size})")
     if vocab is not None:
@@ -135,3 +124,21 @@ def resolve_import_ids(vocab_size: int, given: dict[str, int | None | str], mode
             raise SpecialIdCollision(f"special ids collide with tokenizer file {vocab.path}: "
                                      + "; ".join(problems))
     return ids, sources
+
+
+def _source_id(name: str, value, vocab_size: int, model_args: dict,
+               vocab: VocabularyFile | None) -> tuple[int | None, str]:
+    """(id, where it came from) for bos or eos; see `resolve_import_ids` for the order."""
+    if value is None or isinstance(value, numbers.Integral):
+        return (None if value is None else int(value)), "given by the caller"
+    if value != AUTO:
+        raise ValueError(f"{name} must be a token id, None or {AUTO!r}, got {value!r}")
+    if model_args.get(name) is not None:
+        return int(model_args[name]), f"model_args['{name}']"
+    if vocab is not None and getattr(vocab, name) is not None:
+        i = getattr(vocab, name)
+        return i, f"tokenizer file {vocab.path.name}: {vocab.id_to_token(i)!r}"
+    if vocab_size in GPT2_VOCABS:
+        return GPT2_EOT, (f"GPT-2's <|endoftext|> (the reference trains on GPT-2 ids; "
+                          f"vocab_size {vocab_size})")
+    return None, "none: neither the caller nor the source names one"
