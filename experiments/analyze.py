@@ -7,7 +7,7 @@ each titled and with labelled axes, and `report.html` showing them all with the 
   scalers.png            s_qk, s_u, s_v per layer and s_z (ngpt; stored values, the MLP gate
                          uses s_uv*sqrt(d)), or the RMSNorm gains (rmsnorm)
   condition_numbers.png  sigma_max/sigma_min of wq, wk, wv, wo, w_in, w_out per layer
-  embedding_norms.png    norm of every token vector of encoder.embed, decoder.embed, lm_head
+  embedding_norms.png    norm of every token vector (not the pad) of encoder.embed, decoder.embed, lm_head
   embedding_spectrum.png eigenvalues of the embeddings' covariance divided by their median
   embedding_cosines.png  distribution of pairwise cosine similarities (sampled for large V)
   training_curves.png    train/val loss, learning rate and tokens/s from RUN_DIR/tb
@@ -18,6 +18,7 @@ The numbers come from `tnt/analysis.py` (numpy only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import sys
@@ -275,6 +276,9 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     """Write every view and `report.html` for a run dir or checkpoint; returns the report's path."""
     path = Path(path).absolute()
     ckpt = read_checkpoint(path) if locate(path) is not None else None
+    if ckpt is not None:  # every view is about tokens: the pad id is not one
+        ckpt = dataclasses.replace(ckpt, params=analysis.token_params(
+            ckpt.params, ckpt.config.model.pad_id))
     run_dir = ckpt.run_dir if ckpt is not None else path
     tb = run_dir / "tb" if run_dir is not None else None
     curves = read_scalars(tb) if tb is not None and tb.is_dir() else {}

@@ -28,6 +28,7 @@ from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config, parse_
 from tnt.data import Batches, BatchSpec, DataError, load_corpus
 from tnt.params import param_specs
 from tnt.schedule import learning_rate
+from tnt.special_ids import tokenizer_special_ids
 from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
 
 # Flags that map onto config fields (flag dest -> field).
@@ -85,14 +86,14 @@ def resume_config(saved: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def fit_tokenizer(cfg: RunConfig, tokenizer, vocab_explicit: bool) -> RunConfig:
-    """Take vocab size and special ids from the tokenizer (a larger explicit vocab is allowed)."""
-    vocab = tokenizer.vocab_size
+    """Take vocab size and special ids from the tokenizer (a larger explicit vocab is allowed;
+    a tokenizer without a pad gets an appended pad id, docs/design.md "Special ids")."""
+    vocab, ids = tokenizer_special_ids(tokenizer)
     if vocab_explicit and cfg.model.vocab_size < vocab:
         raise ConfigError(f"vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary of {vocab}")
     model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size if vocab_explicit
-                                else vocab, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-                                eos_id=tokenizer.eos_id)
+                                else vocab, **ids)
     return dataclasses.replace(cfg, model=model)
 
 

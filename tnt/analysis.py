@@ -139,6 +139,20 @@ def scaler_names(params) -> list[str]:
     return [n for n in params if n == "s_z" or n.endswith(keep)]
 
 
+def token_params(params, pad_id: int) -> dict[str, np.ndarray]:
+    """`params` without the pad id's embedding rows, lm_head column and `s_z` entry: the views
+    describe tokens, and the pad is none (never a training input or target; an imported model's
+    is an appended placeholder whose logit is 0, docs/design.md "Special ids")."""
+    out = dict(params)
+    for name in ("encoder.embed", "decoder.embed"):
+        if name in out:
+            out[name] = np.delete(out[name], pad_id, axis=0)
+    out["lm_head"] = np.delete(out["lm_head"], pad_id, axis=1)
+    if "s_z" in out:
+        out["s_z"] = np.delete(out["s_z"], pad_id)
+    return out
+
+
 def embedding_names(params) -> list[str]:
     return [n for n in ("encoder.embed", "decoder.embed", "lm_head") if n in params]
 

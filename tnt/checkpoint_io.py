@@ -19,6 +19,7 @@ import numpy as np
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
 from tnt.config import ModelConfig, RunConfig
 from tnt.params import check_canonical
+from tnt.special_ids import check_special_ids
 from tnt.tokenizer import tokenizer_from_spec
 
 JAX, TORCH = "jax", "torch"
@@ -123,4 +124,7 @@ def read_for_model(path: str | Path, expect: ModelConfig | None = None):
     if expect is not None and (diff := config_differences(cfg.model, expect)):
         raise CheckpointError(f"checkpoint {path} does not match the expected model: "
                               + "; ".join(diff))
-    return params, cfg, tokenizer_from_spec(meta["tokenizer"])
+    tokenizer = tokenizer_from_spec(meta["tokenizer"])
+    if tokenizer is not None:  # no real token may be treated as padding, start or end
+        check_special_ids(cfg.model, tokenizer, f"checkpoint {path}")
+    return params, cfg, tokenizer

@@ -42,9 +42,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     rope_mode: str = "rotate"  # "ngpt_reference": the reference code's transform, import only
     base_scale: float = 0.0  # 0 means 1/sqrt(d_model) for ngpt, 0.02 for rmsnorm
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    pad_id: int = 0  # masked key, ignored label, never generated: no real token may use it
+    bos_id: int | None = 1  # None: no start token (decoder_only only; an empty prompt is refused)
+    eos_id: int | None = 2  # None: no stop token (generation runs to max_new_tokens)
     dtype: str = "float32"
     remat: str = "none"
 
@@ -76,8 +76,18 @@ class ModelConfig:
                               f"got {self.base_scale}")
         for name in ("pad_id", "bos_id", "eos_id"):
             value = getattr(self, name)
+            if value is None and name != "pad_id":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an integer token id, got {value!r}")
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} is outside [0, vocab_size={self.vocab_size})")
+            if name != "pad_id" and value == self.pad_id:
+                raise ConfigError(f"{name}={value} equals pad_id: a pad is an invisible key, so "
+                                  f"it cannot also be the {name[:3]} token")
+        if self.has_encoder and self.bos_id is None:
+            raise ConfigError("bos_id=None: an encoder_decoder model starts decoding from bos, "
+                              "so it needs a bos_id")
 
     @property
     def head_dim(self) -> int:

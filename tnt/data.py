@@ -197,7 +197,7 @@ class BatchSpec:
     batch_size: int
     seq_len: int  # decoder length
     enc_len: int  # encoder length (encoder_decoder only)
-    bos_id: int
+    bos_id: int | None  # the decoder's first input (encoder_decoder only)
 
     @property
     def window(self) -> int:

@@ -6,7 +6,9 @@ run lives here once, in numpy, so the two cannot disagree:
 - **Prompts.** encoder_decoder: the prompt goes to the encoder and decoding starts from
   `[bos]`, as training does (docs/design.md, "decoding"). decoder_only: the prompt is the decoder's
   prefix and the answer is its continuation; an empty prompt becomes `[bos]` (the only way to
-  give the model a position to predict from).
+  give the model a position to predict from), and is refused when the model has no bos
+  (`bos_id=None`, e.g. an imported vocabulary without a start token). A prompt may hold any id
+  but `pad_id` (docs/design.md, "Special ids").
 - **Lengths.** `max_new_tokens` is capped at `max_len_decoder` (a notice says so). A prompt
   that does not fit keeps its *last* tokens and a `PromptTruncated` warning names the lengths:
   encoder prompts keep `max_len_encoder` tokens; decoder_only prompts keep
@@ -21,7 +23,8 @@ run lives here once, in numpy, so the two cannot disagree:
   is greedy (argmax); otherwise logits are divided by the temperature and filtered by `top_k`
   (0: off) and `top_p` (1: off), both on the descending sort, ties at the threshold kept.
 - **Stopping.** A row stops at `eos_id` (not included in the output); the batch stops when every
-  row has stopped or `max_new_tokens` are made.
+  row has stopped or `max_new_tokens` are made. With `eos_id=None` there is no stop token and
+  every row gets `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
+from tnt.special_ids import NAMES, special_id_collisions
 
 
 class PromptTruncated(UserWarning):
@@ -70,15 +74,18 @@ GREEDY = Sampling()
 
 
 def check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
-    """Refuse a tokenizer whose vocabulary or special ids cannot be the model's."""
+    """Refuse a tokenizer whose vocabulary or special ids cannot be the model's: a special id
+    the tokenizer declares (not None) must be the model's, and none of the model's may be a real
+    token of the tokenizer (`tnt.special_ids`)."""
     problems = []
     if tokenizer.vocab_size > cfg.vocab_size:
         problems.append(f"its vocab_size {tokenizer.vocab_size} exceeds the model's "
                         f"{cfg.vocab_size}")
-    for name in ("pad_id", "bos_id", "eos_id"):
-        if getattr(tokenizer, name) != getattr(cfg, name):
-            problems.append(f"its {name} is {getattr(tokenizer, name)}, the model's is "
-                            f"{getattr(cfg, name)}")
+    for name in NAMES:
+        theirs = getattr(tokenizer, name, None)
+        if theirs is not None and theirs != getattr(cfg, name):
+            problems.append(f"its {name} is {theirs}, the model's is {getattr(cfg, name)}")
+    problems += special_id_collisions({n: getattr(cfg, n) for n in NAMES}, tokenizer)
     if problems:
         raise TokenizerMismatch("the tokenizer does not match the model: " + "; ".join(problems))
 
@@ -138,6 +145,12 @@ def prepare(cfg: ModelConfig, prompts: list[np.ndarray], max_new_tokens: int,
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
     for i, p in enumerate(prompts):
         check_token_ids(p, cfg.vocab_size, f"prompt {i}")
+        if (p == cfg.pad_id).any():
+            raise ValueError(f"prompt {i} contains pad_id={cfg.pad_id} at position "
+                             f"{int(np.argmax(p == cfg.pad_id))}: padding is not a token")
+        if len(p) == 0 and cfg.bos_id is None and not cfg.has_encoder:
+            raise ValueError(f"prompt {i} is empty and the model has no start token "
+                             f"(bos_id=None): give at least one token id")
     notices: list[str] = []
     n_new = int(max_new_tokens)
     if n_new > cfg.max_len_decoder:
@@ -179,8 +192,10 @@ def prepare(cfg: ModelConfig, prompts: list[np.ndarray], max_new_tokens: int,
     return Batch(_pad_right(dec_rows, P, cfg.pad_id), lengths, n_new, cache_len, enc, notices)
 
 
-def finish(tokens_BxN: np.ndarray, eos_id: int) -> list[np.ndarray]:
-    """Each row's new tokens up to (not including) its first eos."""
+def finish(tokens_BxN: np.ndarray, eos_id: int | None) -> list[np.ndarray]:
+    """Each row's new tokens up to (not including) its first eos (None: all of them)."""
+    if eos_id is None:
+        return list(np.asarray(tokens_BxN))
     out = []
     for row in np.asarray(tokens_BxN):
         stop = np.flatnonzero(row == eos_id)
@@ -228,7 +243,7 @@ def collect(batch: Batch, tokens_BxN: np.ndarray, logits_BxNxV: np.ndarray | Non
             eos_id: int | None) -> Generation:
     """Cut each row at its first eos (None: keep all); keep the logits of the tokens made (eos
     included)."""
-    tokens = finish(tokens_BxN, eos_id) if eos_id is not None else list(np.asarray(tokens_BxN))
+    tokens = finish(tokens_BxN, eos_id)
     logits = None
     if logits_BxNxV is not None:
         logits = [np.asarray(logits_BxNxV[i, :min(len(t) + 1, batch.n_new)], np.float32)

@@ -11,6 +11,13 @@ transposes every matrix to `[in, out]`.
 The reference's position transform is not a rotation; the imported config therefore sets
 `rope_mode="ngpt_reference"` (see `tnt.rope`) so the model computes what it was trained with.
 Pass `rope_mode="rotate"` to get TnT's correct RoPE instead (the weights then need fine-tuning).
+
+Every source id stays a real token (docs/design.md, "Special ids"): the imported model has
+`vocab_size = V + 1`, and its pad is the appended id V, whose embedding row is a unit vector and
+whose logit is 0 at import (a zero lm_head column for the baseline, `s_z[V] = 0` for nGPT, whose
+lm_head columns stay unit). Generation never emits it; the training loss's softmax includes it
+(so continued training is a softmax over V + 1, not the reference's V). bos and eos are given
+(see `tnt.special_ids.resolve_import_ids`), or None.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ def _strip(name: str) -> str:
 
 
 def convert_reference(state: dict[str, np.ndarray], n_heads: int, base_scale: float | None = None,
-                      rope_mode: str = "ngpt_reference", max_len: int = 1024, pad_id: int = 0,
-                      bos_id: int = 1, eos_id: int = 2) -> tuple[dict[str, np.ndarray], ModelConfig]:
+                      rope_mode: str = "ngpt_reference", max_len: int = 1024,
+                      bos_id: int | None = None, eos_id: int | None = None
+                      ) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """(canonical params, ModelConfig) from a reference state dict (arrays as numpy float32).
 
     `base_scale` is the reference config's `base_scale` (default 1/sqrt(n_embd)); `n_heads` and
@@ -47,11 +55,11 @@ def convert_reference(state: dict[str, np.ndarray], n_heads: int, base_scale: fl
     ngpt = "sz" in state
     scale = base_scale if base_scale is not None else 1.0 / math.sqrt(d)
     hidden = state["transformer.h.0.c_fc.weight"].shape[0] // 2
-    cfg = ModelConfig(arch="decoder_only", norm="ngpt" if ngpt else "rmsnorm", vocab_size=vocab,
-                      d_model=d, n_heads=n_heads, n_decoder_layers=len(layers), mlp_hidden=hidden,
-                      activation="silu", max_len_encoder=max_len, max_len_decoder=max_len,
-                      rope_mode=rope_mode, base_scale=scale, pad_id=pad_id, bos_id=bos_id,
-                      eos_id=eos_id)
+    cfg = ModelConfig(arch="decoder_only", norm="ngpt" if ngpt else "rmsnorm",
+                      vocab_size=vocab + 1, d_model=d, n_heads=n_heads,
+                      n_decoder_layers=len(layers), mlp_hidden=hidden, activation="silu",
+                      max_len_encoder=max_len, max_len_decoder=max_len, rope_mode=rope_mode,
+                      base_scale=scale, pad_id=vocab, bos_id=bos_id, eos_id=eos_id)
     used: set[str] = set()
 
     def take(name: str) -> np.ndarray:
@@ -82,6 +90,21 @@ def convert_reference(state: dict[str, np.ndarray], n_heads: int, base_scale: fl
     unused = sorted(set(state) - used)
     if unused:
         raise KeyError(f"reference state dict has names TnT does not know: {', '.join(unused[:8])}")
-    out = {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+    out = {k: np.ascontiguousarray(v, np.float32) for k, v in _append_pad(out, ngpt).items()}
     check_canonical(out, cfg)
     return out, cfg
+
+
+def _append_pad(out: dict[str, np.ndarray], ngpt: bool) -> dict[str, np.ndarray]:
+    """The pad id V: a unit embedding row (finite and, for nGPT, on the sphere like the others)
+    and a logit of exactly 0 (nGPT: a unit lm_head column scaled by s_z = 0; baseline: a zero
+    column), so no source id's computation changes."""
+    d = out["decoder.embed"].shape[1]
+    unit = np.zeros((1, d), np.float32)
+    unit[0, 0] = 1.0
+    out = dict(out, **{"decoder.embed": np.concatenate([out["decoder.embed"], unit]),
+                       "lm_head": np.concatenate([out["lm_head"], unit.T if ngpt else 0 * unit.T],
+                                                 axis=1)})
+    if ngpt:
+        out["s_z"] = np.concatenate([out["s_z"], np.zeros(1, np.float32)])
+    return out

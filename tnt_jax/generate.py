@@ -214,6 +214,10 @@ def _logits(model: TnT, h_BxD) -> jax.Array:
     return logits * model.s_z[...] if model.cfg.norm == "ngpt" else logits
 
 
+def _at_eos(tok_B: jax.Array, eos: int | None) -> jax.Array:
+    return tok_B == eos if eos is not None else jnp.zeros_like(tok_B, dtype=bool)
+
+
 @partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
 def _generate_cached(graphdef, params, enc_BxS, dec_BxP, lengths_B, knobs, n_new: int,
                      cache_len: int, greedy: bool, want_logits: bool, stop_at_eos: bool, key):
@@ -233,7 +237,8 @@ def _generate_cached(graphdef, params, enc_BxS, dec_BxP, lengths_B, knobs, n_new
     logits = _logits(model, h[jnp.arange(B), lengths_B - 1])
     tok = _choose(logits, knobs, jax.random.fold_in(key, 0), cfg.pad_id, greedy)
     out = jnp.full((B, n_new), cfg.pad_id, jnp.int32).at[:, 0].set(tok)
-    done = (tok == cfg.eos_id) & stop_at_eos
+    eos = cfg.eos_id if stop_at_eos else None
+    done = _at_eos(tok, eos)
     lbuf = (jnp.zeros((B, n_new, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
             if want_logits else None)
 
@@ -251,7 +256,7 @@ def _generate_cached(graphdef, params, enc_BxS, dec_BxP, lengths_B, knobs, n_new
         new = jnp.where(done, cfg.pad_id, new)
         if lbuf is not None:
             lbuf = lbuf.at[:, t].set(logits)
-        done = done | ((new == cfg.eos_id) & stop_at_eos)
+        done = done | _at_eos(new, eos)
         return t + 1, new, out.at[:, t].set(new), done, caches, lbuf
 
     carry = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, caches, lbuf))
