@@ -9,12 +9,11 @@ from helpers import ARCH_NORMS, random_tokens, tiny_config
 
 from tnt.params import param_specs
 from tnt_jax.model import (
+    RoPE,
     TnT,
-    apply_rope,
     attend,
     load_canonical,
     merge_params,
-    rope_tables,
     split_params,
     to_canonical,
 )
@@ -30,13 +29,13 @@ def forward(model, enc, dec):
 
 def test_rope_is_a_rotation_and_depends_on_position_difference(rng):
     dh, L = 8, 12
-    cos, sin = rope_tables(L, dh, 10000.0)
+    rope = RoPE(tiny_config(d_model=2 * dh, n_heads=2), L)
     x = jnp.asarray(rng.normal(size=(1, L, 1, dh)), jnp.float32)
-    y = apply_rope(x, cos, sin)
+    y = rope.apply(x)
     np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-6)
     q = jnp.asarray(np.broadcast_to(rng.normal(size=dh), (1, L, 1, dh)), jnp.float32)
     k = jnp.asarray(np.broadcast_to(rng.normal(size=dh), (1, L, 1, dh)), jnp.float32)
-    qr, kr = apply_rope(q, cos, sin)[0, :, 0], apply_rope(k, cos, sin)[0, :, 0]
+    qr, kr = rope.apply(q)[0, :, 0], rope.apply(k)[0, :, 0]
     dots = np.asarray(qr @ kr.T)
     for offset in (0, 1, 3):
         diag = np.diagonal(dots, offset)

@@ -157,7 +157,9 @@ def test_bad_inputs_raise_value_errors_naming_the_input(rng):
 def test_reference_rope_reproduces_the_ngpt_code():
     """`rope_mode="ngpt_reference"`: out[2i] = -x[2i+1] cos_half[i], out[2i+1] = x[2i] sin_half[i],
     with the reference's interleaved sinusoids split by halves (import compatibility only)."""
-    from tnt_torch.model import apply_reference_rope, reference_rope_table
+    import dataclasses
+
+    from tnt_torch.model import RoPE
 
     L, K = 5, 8
     x = np.random.default_rng(0).standard_normal((2, L, 3, K)).astype(np.float32)
@@ -169,7 +171,8 @@ def test_reference_rope_reproduces_the_ngpt_code():
     expected = np.empty_like(x)
     expected[..., 0::2] = -x[..., 1::2] * cos_half[:, None]
     expected[..., 1::2] = x[..., 0::2] * sin_half[:, None]
-    out = apply_reference_rope(torch.from_numpy(x), reference_rope_table(L, K, 10000.0)[:, None])
+    cfg = dataclasses.replace(tiny_config(d_model=3 * K, n_heads=3), rope_mode="ngpt_reference")
+    out = RoPE(cfg, L).apply(torch.from_numpy(x))
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
 
 
