@@ -167,3 +167,23 @@ def test_activation_is_exact_erf_gelu_or_silu(activation, rng):
            else v / (1 + np.exp(-v)))
     np.testing.assert_allclose(np.asarray(mlp(x)), (u * act) @ np.asarray(mlp.w_out[...]),
                                rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("arch, norm", ARCH_NORMS)
+def test_prefill_and_decode_steps_with_the_cache_equal_the_full_forward(arch, norm, rng):
+    """`TnT.extend` on a prompt, then one token at a time, gives the full forward's logits."""
+    model = make(arch, norm)
+    enc = random_tokens(rng, (2, 7)) if arch == "encoder_decoder" else None
+    dec = random_tokens(rng, (2, 6))
+    full = forward(model, enc, dec)
+    cache = model.start_cache(2, 8, None if enc is None else jnp.asarray(enc))
+    logits, cache = model.extend(jnp.asarray(dec[:, :3]), jnp.tile(jnp.arange(3), (2, 1)), cache)
+    got = [np.asarray(logits)]
+    graphdef, params = split_params(model)
+    step = jax.jit(lambda p, tok, pos, c: merge_params(graphdef, p).extend(tok, pos, c))
+    for t in range(3, 6):  # compiled: a pure function of parameters, tokens and cache
+        logits, cache = step(params, jnp.asarray(dec[:, t:t + 1]), jnp.full((2, 1), t), cache)
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="within the cache"):
+        model.extend(jnp.asarray(dec[:, :1]), jnp.full((2, 1), 8), cache)

@@ -191,3 +191,24 @@ def test_rope_mode_selects_the_transform(rng):
     _, dec = inputs(cfg, rng)
     la, lb = logits_of(a, None, dec), logits_of(b, None, dec)
     assert np.isfinite(lb).all() and np.abs(la - lb).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch, norm", ARCH_NORMS)
+def test_prefill_and_decode_steps_with_the_cache_equal_the_full_forward(arch, norm, rng):
+    """`TnT.extend` on a prompt, then one token at a time, gives the full forward's logits."""
+    cfg = tiny_config(arch, norm)
+    model = TnT(cfg, seed=3)
+    enc, dec = inputs(cfg, rng)
+    dec = torch.from_numpy(dec).long()
+    full = logits_of(model, enc, dec.numpy())
+    L = dec.shape[1]
+    with torch.no_grad():
+        cache = model.start_cache(2, L + 2, None if enc is None else torch.from_numpy(enc).long())
+        logits, cache = model.extend(dec[:, :3], torch.arange(3).expand(2, 3), cache)
+        got = [logits]
+        for t in range(3, L):
+            logits, cache = model.extend(dec[:, t:t + 1], torch.full((2, 1), t), cache)
+            got.append(logits)
+        np.testing.assert_allclose(torch.cat(got, 1).numpy(), full, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="within the cache"):
+            model.extend(dec[:, :1], torch.full((2, 1), L + 2), cache)

@@ -382,7 +382,12 @@ class TnT(nnx.Module):
         written into the returned cache. A prefill is T prompt tokens at 0..T-1, a decode step
         one token per row: a pure function of the parameters, the cache and the tokens, so it
         runs inside `lax.while_loop`."""
+        self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
         S = cache.layers[0][0].k.shape[1]
+        if positions_BxT.shape != tokens_BxT.shape or (
+                not isinstance(positions_BxT, jax.core.Tracer) and int(positions_BxT.max()) >= S):
+            raise ValueError(f"positions must be [B, T] = {tokens_BxT.shape} within the cache's "
+                             f"{S} columns (JAX would clamp), got {positions_BxT.shape}")
         self_mask = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
         cross_mask = None
         if cache.enc_valid_BxS is not None:

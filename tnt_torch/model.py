@@ -443,8 +443,13 @@ class TnT(nn.Module):
         own, consecutive: `start_B + 0..T-1`), which attend to the cached positions up to their
         own; their keys and values are written into the cache in place. A prefill is T prompt
         tokens at 0..T-1, a decode step one token per row."""
+        self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
         B, T = tokens_BxT.shape
         n_cols = int(positions_BxT.max()) + 1  # columns written in any row after this call
+        if positions_BxT.shape != (B, T) or n_cols > cache.layers[0][0].k.shape[2]:
+            raise ValueError(f"positions must be [B, T] = {(B, T)} within the cache's "
+                             f"{cache.layers[0][0].k.shape[2]} columns, got shape "
+                             f"{tuple(positions_BxT.shape)}, largest {n_cols - 1}")
         for self_cache, _ in cache.layers:
             self_cache.length = max(self_cache.length, n_cols)
         if T == n_cols:  # a prefill: every row at 0..T-1
