@@ -123,11 +123,11 @@ def _derived(module: nn.Module, name: str, fn, *params: torch.Tensor) -> torch.T
     version counter): decoding calls each layer once per token with the same weights."""
     if torch.is_grad_enabled():
         return fn()
-    key = tuple((p.data_ptr(), p._version) for p in params)
-    memo = module.__dict__.setdefault("_derived", {})
-    if name not in memo or memo[name][0] != key:
-        memo[name] = (key, fn())
-    return memo[name][1]
+    key = [(p._version, p.data_ptr()) for p in params]
+    hit = module.__dict__.get(f"_derived_{name}")
+    if hit is None or hit[0] != key:
+        hit = module.__dict__[f"_derived_{name}"] = (key, fn())
+    return hit[1]
 
 
 class Mask:
