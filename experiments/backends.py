@@ -1,6 +1,16 @@
-"""Loading a framework backend by name, lazily, so that each entry point imports only one."""
+"""Loading a framework backend by name, lazily, so that each entry point imports only one.
+
+`Backend` is the surface the entry points use; `tnt_jax.train.JaxBackend` and
+`tnt_torch.train.TorchBackend` implement it (tests/test_pretrain.py checks both).
+"""
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from tnt.config import RunConfig
 
 BACKENDS = ("jax", "torch")
 
@@ -9,19 +19,53 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-def backend_class(name: str):
-    """The backend class for `name` (`JaxBackend`), with a clear error for one not built yet."""
+@runtime_checkable
+class Backend(Protocol):
+    """One framework's training run: steps, evaluation, checkpoints and a text sample."""
+
+    name: str
+    cfg: RunConfig
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict:
+        """One optimizer step on a numpy batch; returns the step's metrics (framework arrays)."""
+
+    def evaluate(self, batches) -> float:
+        """Mean loss over non-pad labels of `batches`."""
+
+    @property
+    def step_count(self) -> int: ...
+
+    def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Some parameters as numpy, by canonical name."""
+
+    def model(self):
+        """The framework's `TnT` with the current parameters."""
+
+    def open(self, directory, keep: int) -> None: ...
+
+    def save(self, tokenizer_spec: dict) -> None: ...
+
+    def wait(self) -> None:
+        """Block until every save has reached the disk."""
+
+    @staticmethod
+    def read_meta(path) -> dict: ...
+
+    def restore(self, path) -> dict:
+        """Load parameters and optimizer state from a checkpoint; returns its metadata."""
+
+    def sample(self, tokenizer, prompt: str, n: int) -> str:
+        """Greedy `inference` of up to `n` new tokens from `prompt`."""
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class for `name` (`JaxBackend`), with a clear error for an unknown name."""
     if name == "jax":
         from tnt_jax.train import JaxBackend
 
         return JaxBackend
     if name == "torch":
-        try:
-            from tnt_torch.train import TorchBackend
-        except ImportError as e:
-            raise BackendUnavailable(
-                "the torch backend is not built yet (tnt_torch has no train module); "
-                "use --backend jax") from e
+        from tnt_torch.train import TorchBackend
+
         return TorchBackend
     raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-

@@ -31,12 +31,12 @@ import numpy as np
 
 from experiments import bench_generate
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
+from experiments.pretrain import batch_spec, tokens_per_step
 from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config
-from tnt.data import BatchSpec
 from tnt.flops import flops_per_token
+from tnt.tokenizer import FIRST_ID
 
 N_BATCHES = 4  # distinct synthetic batches, cycled
-FIRST_ID = 3  # ids below are pad, bos, eos
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,16 +71,10 @@ def run_config(args: argparse.Namespace, norm: str | None = None) -> RunConfig:
     return build_run_config(args.preset, overrides, args.set)
 
 
-def tokens_per_step(cfg: RunConfig) -> int:
-    """Input tokens one step processes (encoder + decoder for encoder_decoder)."""
-    t = cfg.train
-    return t.batch_size * (t.seq_len + (t.encoder_len if cfg.model.has_encoder else 0))
-
-
 def synthetic_batches(cfg: RunConfig, n: int = N_BATCHES, seed: int = 0) -> list[dict]:
     """`n` batches of random windows, ids in [3, vocab): no padding, every label counts."""
     t, m = cfg.train, cfg.model
-    spec = BatchSpec(m.arch, t.batch_size, t.seq_len, t.encoder_len, m.bos_id)
+    spec = batch_spec(cfg)
     rng = np.random.default_rng(seed)
     return [spec.make(rng.integers(FIRST_ID, m.vocab_size, (t.batch_size, spec.window)))
             for _ in range(n)]

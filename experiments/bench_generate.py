@@ -25,8 +25,7 @@ import numpy as np
 from experiments.backends import BACKENDS
 from tnt.config import PRESETS, ConfigError, build_run_config
 from tnt.generation import Sampling
-
-FIRST_ID = 3  # ids below are pad, bos, eos
+from tnt.tokenizer import FIRST_ID
 
 
 def add_parser(sub) -> None:

@@ -212,15 +212,12 @@ def train(args: argparse.Namespace) -> float:
 
 
 def sample_text(backend, cfg: RunConfig, corpus) -> str:
-    """A short greedy continuation of the start of the val split."""
+    """A short greedy continuation (through `inference`) of the start of the val split."""
     tok, n = corpus.tokenizer, cfg.train.sample_tokens
-    if cfg.model.has_encoder:
-        enc = np.asarray(corpus.val[:cfg.train.encoder_len], np.int32)
-        ids = backend.sample(enc, np.array([cfg.model.bos_id], np.int32), n)
-        return tok.decode(enc) + " ⟶ " + tok.decode(ids)
-    prefix = np.asarray(corpus.val[:min(32, cfg.model.max_len_decoder - n)], np.int32)
-    ids = backend.sample(None, prefix, n)
-    return tok.decode(prefix) + " ⟶ " + tok.decode(ids)
+    length = (cfg.train.encoder_len if cfg.model.has_encoder
+              else min(32, cfg.model.max_len_decoder - n))
+    prompt = tok.decode(corpus.val[:max(length, 0)])
+    return prompt + " ⟶ " + backend.sample(tok, prompt, n)
 
 
 def main(argv=None) -> int:

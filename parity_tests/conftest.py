@@ -8,13 +8,17 @@ and the reason is printed). Tolerances: float32 on the CPU, 1e-5 on logits (both
 accumulate the same fp32 products in different orders; the observed gap is ~1e-6). On a GPU,
 XLA's default matmul precision for float32 uses reduced-precision passes (TF32/bf16-class) while
 torch keeps full fp32 by default, so the GPU tolerance is bf16-level: 2e-2 absolute on logits of
-magnitude O(1-10) (bf16 has 8 mantissa bits, a relative step of 2^-8 = 4e-3).
+magnitude O(1-10) (bf16 has 8 mantissa bits, a relative step of 2^-8 = 4e-3). JAX runs with
+`jax_numpy_rank_promotion="raise"` (silent broadcasts are errors).
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")  # as in tests/conftest.py
 
 RESULTS: list[tuple[str, str, float]] = []
 CPU_TOL = {"logits": 1e-5, "params": 1e-5, "sphere": 1e-6, "loss": 1e-5}

@@ -1,11 +1,28 @@
-"""Shared fixtures; helpers for tiny configs live in `helpers.py`."""
+"""Shared fixtures; helpers for tiny configs live in `helpers.py`.
+
+JAX runs with `jax_numpy_rank_promotion="raise"`: an operation between arrays of different ranks
+(a silent broadcast) is an error, so the model states every broadcast it means.
+"""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A folder of small Python files, the training text of the end-to-end runs (one per test
+    module, as each module's runs may write next to it)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
+    return str(root)

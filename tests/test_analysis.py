@@ -122,14 +122,6 @@ def test_dynamics_layers_and_values():
 # Tiny runs of both backends: checkpoints, TensorBoard dynamics, the analyze CLI
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
-    return str(root)
-
-
 RUNS = [("jax", "encoder_decoder", "ngpt"), ("torch", "encoder_decoder", "ngpt"),
         ("jax", "decoder_only", "rmsnorm")]
 

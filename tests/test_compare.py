@@ -31,14 +31,6 @@ def test_summary_reports_speedup_or_never():
     assert "never reached" in compare.report(s)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
-    return str(root)
-
-
 def test_tiny_compare_end_to_end(corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["--preset", "cpu-tiny", "--data", corpus, "--max-steps", "4", "--eval-every", "2",

@@ -9,12 +9,11 @@ from helpers import ARCH_NORMS, random_tokens, tiny_config
 
 from tnt.params import param_specs
 from tnt_jax.model import (
+    RoPE,
     TnT,
-    apply_rope,
     attend,
     load_canonical,
     merge_params,
-    rope_tables,
     split_params,
     to_canonical,
 )
@@ -30,13 +29,13 @@ def forward(model, enc, dec):
 
 def test_rope_is_a_rotation_and_depends_on_position_difference(rng):
     dh, L = 8, 12
-    cos, sin = rope_tables(L, dh, 10000.0)
+    rope = RoPE(tiny_config(d_model=2 * dh, n_heads=2), L)
     x = jnp.asarray(rng.normal(size=(1, L, 1, dh)), jnp.float32)
-    y = apply_rope(x, cos, sin)
+    y = rope.apply(x)
     np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-6)
     q = jnp.asarray(np.broadcast_to(rng.normal(size=dh), (1, L, 1, dh)), jnp.float32)
     k = jnp.asarray(np.broadcast_to(rng.normal(size=dh), (1, L, 1, dh)), jnp.float32)
-    qr, kr = apply_rope(q, cos, sin)[0, :, 0], apply_rope(k, cos, sin)[0, :, 0]
+    qr, kr = rope.apply(q)[0, :, 0], rope.apply(k)[0, :, 0]
     dots = np.asarray(qr @ kr.T)
     for offset in (0, 1, 3):
         diag = np.diagonal(dots, offset)
@@ -168,3 +167,23 @@ def test_activation_is_exact_erf_gelu_or_silu(activation, rng):
            else v / (1 + np.exp(-v)))
     np.testing.assert_allclose(np.asarray(mlp(x)), (u * act) @ np.asarray(mlp.w_out[...]),
                                rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("arch, norm", ARCH_NORMS)
+def test_prefill_and_decode_steps_with_the_cache_equal_the_full_forward(arch, norm, rng):
+    """`TnT.extend` on a prompt, then one token at a time, gives the full forward's logits."""
+    model = make(arch, norm)
+    enc = random_tokens(rng, (2, 7)) if arch == "encoder_decoder" else None
+    dec = random_tokens(rng, (2, 6))
+    full = forward(model, enc, dec)
+    cache = model.start_cache(2, 8, None if enc is None else jnp.asarray(enc))
+    logits, cache = model.extend(jnp.asarray(dec[:, :3]), jnp.tile(jnp.arange(3), (2, 1)), cache)
+    got = [np.asarray(logits)]
+    graphdef, params = split_params(model)
+    step = jax.jit(lambda p, tok, pos, c: merge_params(graphdef, p).extend(tok, pos, c))
+    for t in range(3, 6):  # compiled: a pure function of parameters, tokens and cache
+        logits, cache = step(params, jnp.asarray(dec[:, t:t + 1]), jnp.full((2, 1), t), cache)
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="within the cache"):
+        model.extend(jnp.asarray(dec[:, :1]), jnp.full((2, 1), 8), cache)

@@ -8,17 +8,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from experiments.backends import BACKENDS, Backend, backend_class
 from experiments.pretrain import main
-
-BACKENDS = ["jax", "torch"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
-    return str(root)
 
 
 def run(corpus, out, backend, *extra):
@@ -100,3 +91,21 @@ def test_unknown_backend_is_refused(corpus, tmp_path):
     with pytest.raises(SystemExit):
         run(corpus, tmp_path / "run", "tensorflow")
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_each_backend_implements_the_backend_protocol(name):
+    import inspect
+
+    cls = backend_class(name)
+    members = {m: v for m, v in vars(Backend).items()
+               if not m.startswith("_") and (callable(v) or isinstance(v, property | staticmethod))}
+    assert {"step", "evaluate", "sample", "restore", "step_count"} <= set(members)
+    for member, proto in members.items():
+        impl = inspect.getattr_static(cls, member, None)
+        assert impl is not None, f"{cls.__name__} lacks {member}"
+        assert type(impl) is type(proto), member  # property, staticmethod or plain method
+        if callable(proto):
+            want = list(inspect.signature(proto).parameters)
+            assert list(inspect.signature(impl).parameters)[:len(want)] == want, member
+    assert cls.name == name

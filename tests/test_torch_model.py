@@ -157,7 +157,9 @@ def test_bad_inputs_raise_value_errors_naming_the_input(rng):
 def test_reference_rope_reproduces_the_ngpt_code():
     """`rope_mode="ngpt_reference"`: out[2i] = -x[2i+1] cos_half[i], out[2i+1] = x[2i] sin_half[i],
     with the reference's interleaved sinusoids split by halves (import compatibility only)."""
-    from tnt_torch.model import apply_reference_rope, reference_rope_table
+    import dataclasses
+
+    from tnt_torch.model import RoPE
 
     L, K = 5, 8
     x = np.random.default_rng(0).standard_normal((2, L, 3, K)).astype(np.float32)
@@ -169,7 +171,8 @@ def test_reference_rope_reproduces_the_ngpt_code():
     expected = np.empty_like(x)
     expected[..., 0::2] = -x[..., 1::2] * cos_half[:, None]
     expected[..., 1::2] = x[..., 0::2] * sin_half[:, None]
-    out = apply_reference_rope(torch.from_numpy(x), reference_rope_table(L, K, 10000.0)[:, None])
+    cfg = dataclasses.replace(tiny_config(d_model=3 * K, n_heads=3), rope_mode="ngpt_reference")
+    out = RoPE(cfg, L).apply(torch.from_numpy(x))
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
 
 
@@ -188,3 +191,24 @@ def test_rope_mode_selects_the_transform(rng):
     _, dec = inputs(cfg, rng)
     la, lb = logits_of(a, None, dec), logits_of(b, None, dec)
     assert np.isfinite(lb).all() and np.abs(la - lb).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch, norm", ARCH_NORMS)
+def test_prefill_and_decode_steps_with_the_cache_equal_the_full_forward(arch, norm, rng):
+    """`TnT.extend` on a prompt, then one token at a time, gives the full forward's logits."""
+    cfg = tiny_config(arch, norm)
+    model = TnT(cfg, seed=3)
+    enc, dec = inputs(cfg, rng)
+    dec = torch.from_numpy(dec).long()
+    full = logits_of(model, enc, dec.numpy())
+    L = dec.shape[1]
+    with torch.no_grad():
+        cache = model.start_cache(2, L + 2, None if enc is None else torch.from_numpy(enc).long())
+        logits, cache = model.extend(dec[:, :3], torch.arange(3).expand(2, 3), cache)
+        got = [logits]
+        for t in range(3, L):
+            logits, cache = model.extend(dec[:, t:t + 1], torch.full((2, 1), t), cache)
+            got.append(logits)
+        np.testing.assert_allclose(torch.cat(got, 1).numpy(), full, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="within the cache"):
+            model.extend(dec[:, :1], torch.full((2, 1), L + 2), cache)

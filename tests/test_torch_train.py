@@ -16,8 +16,8 @@ from tnt.checkpoint_meta import CheckpointError
 from tnt.config import RunConfig, TrainConfig
 from tnt.tokenizer import ByteTokenizer
 from tnt_torch import checkpoint, load_checkpoint, to_canonical
-from tnt_torch.generate import greedy
-from tnt_torch.model import TnT, loss_fn
+from tnt_torch.generate import inference
+from tnt_torch.model import loss_fn
 from tnt_torch.train import TorchBackend
 
 SPEC = {"kind": "byte", "vocab_size": 259}
@@ -164,21 +164,18 @@ def test_evaluate_is_the_token_weighted_mean(rng):
     assert backend.evaluate([a, b]) == pytest.approx(expected, rel=1e-6)
 
 
-def test_greedy_stops_at_eos_and_validates(rng):
-    cfg = tiny_config("decoder_only", "ngpt")
-    model = TnT(cfg, seed=0)
-    with torch.no_grad():  # make eos the argmax everywhere
-        model.lm_head.zero_()
-        model.lm_head[:, cfg.eos_id] = 1.0
-    out = greedy(model, None, np.array([5, 6], np.int32), 8)
-    assert out.tolist() == [cfg.eos_id]
-    with pytest.raises(ValueError, match="prefix contain token id 99"):
-        greedy(model, None, np.array([99], np.int32), 4)
-    with pytest.raises(ValueError, match="leaves no room"):
-        greedy(model, None, np.arange(3, 19, dtype=np.int32), 4)
-    backend = TorchBackend(run_config("encoder_decoder", "ngpt"))
-    ids = backend.sample(random_tokens(rng, (8,)), np.array([1], np.int32), 5)
-    assert ids.dtype == np.int32 and 1 <= len(ids) <= 5
+def test_the_end_of_run_sample_is_inference_and_stops_at_eos():
+    cfg = run_config("encoder_decoder", "ngpt")
+    tok = ByteTokenizer()
+    backend = TorchBackend(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=tok.vocab_size)))
+    text = backend.sample(tok, "abc", 5)
+    assert text == inference(backend.net, tok, "abc", max_length=5)
+    assert len(text) <= 5  # at most one character per new byte
+    with torch.no_grad():  # make eos the argmax everywhere: the sample is empty
+        backend.net.lm_head.zero_()
+        backend.net.lm_head[:, backend.cfg.model.eos_id] = 1.0
+    assert backend.sample(tok, "abc", 5) == ""
 
 
 def test_a_failing_compile_falls_back_to_eager(rng):

@@ -15,6 +15,7 @@ import numpy as np
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIALS = ("<pad>", "<bos>", "<eos>")
+FIRST_ID = len(SPECIALS)  # the first id that is neither pad, bos nor eos
 
 
 class ByteTokenizer:
@@ -26,9 +27,6 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset
-
-    def encode_bytes(self, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int32) + self.offset
 
     def decode(self, ids: Iterable[int]) -> str:
         data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)

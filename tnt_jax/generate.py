@@ -4,30 +4,23 @@ full-recompute reference it is checked against.
 Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, shared with
 `tnt_torch.generate`. Here:
 
-- `generate(..., use_cache=True)`: one `jax.jit` call per request. The encoder runs once, each
-  layer's cross-attention keys and values are computed once, and the decoder keeps a
-  fixed-size self-attention KV cache `[B, cache_len, H, dh]` per layer. The prompt is prefilled
-  in one pass; the new tokens are made in a `lax.while_loop` that stops when every row has
-  reached eos. Cached keys are stored as attention uses them: rotated at their own position (or,
-  for `rope_mode="ngpt_reference"`, transformed as the reference code does) and, for ngpt,
-  normalized and scaled by `s_qk`.
+- `generate(..., use_cache=True)`: one `jax.jit` call per request. `TnT.start_cache` runs the
+  encoder once and computes each layer's cross-attention keys and values once; the model's own
+  `TnT.extend` prefills the prompt in one pass and then makes the new tokens, one per row and
+  step, in a `lax.while_loop` that stops when every row has reached eos.
 - `generate(..., use_cache=False)`: the seed's method, the whole model (encoder and decoder) run
   again for every new token on a fixed-size buffer; the reference for tests and the baseline of
   `python -m experiments.bench generate`.
-- `greedy`: the single-prompt greedy loop used for the end-of-run sample of `experiments.pretrain`.
 """
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tnt.data import check_token_ids
 from tnt.generation import (
     GREEDY,
     Batch,
@@ -37,42 +30,9 @@ from tnt.generation import (
     prepare,
     run_inference,
 )
-from tnt_jax.model import TnT, attend, l2norm, merge_params, split_params
+from tnt_jax.model import TnT, merge_params, split_params
 
 BUCKET = 16  # prompt lengths are padded to a multiple of this: fewer shapes to compile
-
-
-@nnx.jit
-def _next_token(model: TnT, enc_tokens, enc_out, buf, pos):
-    logits = model.decode(buf, enc_out, enc_tokens) if enc_out is not None else model.decode(buf)
-    return jnp.argmax(logits[0, pos], axis=-1).astype(jnp.int32)
-
-
-def greedy(model: TnT, enc_tokens: np.ndarray | None, prefix: np.ndarray, n: int) -> np.ndarray:
-    """Continue `prefix` (decoder tokens, 1-D) by `n` greedy tokens, stopping at eos."""
-    cfg = model.cfg
-    prefix = np.asarray(prefix, np.int32)
-    length = min(len(prefix) + n, cfg.max_len_decoder)
-    if len(prefix) == 0 or len(prefix) >= length:
-        raise ValueError(f"prefix of length {len(prefix)} leaves no room to decode up to "
-                         f"max_len_decoder={cfg.max_len_decoder}")
-    check_token_ids(prefix, cfg.vocab_size, "prefix")
-    enc, enc_out = None, None
-    if cfg.has_encoder:
-        enc = jnp.asarray(np.asarray(enc_tokens, np.int32)[None])
-        enc_out = model.encode(enc)
-    buf = np.full((1, length), cfg.pad_id, np.int32)
-    buf[0, :len(prefix)] = prefix
-    buf = jnp.asarray(buf)
-    out = []
-    for pos in range(len(prefix) - 1, length - 1):
-        tok = _next_token(model, enc, enc_out, buf, jnp.int32(pos))
-        t = int(tok)
-        out.append(t)
-        if t == cfg.eos_id:
-            break
-        buf = buf.at[0, pos + 1].set(tok)
-    return np.asarray(out, np.int32)
 
 
 # --- sampling (tnt.generation.filter_logits is the numpy reference) -----------------------------
@@ -108,112 +68,6 @@ def _knobs(sampling: Sampling):
             jnp.float32(sampling.top_p))
 
 
-# --- the cached decoder: the model's own layers, with attention reading and writing caches ------
-
-def _rope_rows(x_BxTxHxK, cos_BxTxK2, sin_BxTxK2) -> jax.Array:
-    """`apply_rope` at per-row positions (the same arithmetic)."""
-    x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
-    cos, sin = cos_BxTxK2[:, :, None, :], sin_BxTxK2[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def _reference_rows(x_BxTxHxK, table_BxTxK) -> jax.Array:
-    """`apply_reference_rope` (rope_mode="ngpt_reference") at per-row positions."""
-    pairs = x_BxTxHxK.reshape(*x_BxTxHxK.shape[:-1], -1, 2)[..., ::-1]
-    return pairs.reshape(x_BxTxHxK.shape) * table_BxTxK[:, :, None, :]
-
-
-def _position(x_BxTxHxK, cols_BxT, rope) -> jax.Array:
-    """The model's position transform (`TnT.rope`'s tables) at each row's own positions."""
-    cos, sin = rope
-    if cos is None:  # rope_mode="ngpt_reference": `sin` holds the reference's table
-        return _reference_rows(x_BxTxHxK, sin[cols_BxT])
-    return _rope_rows(x_BxTxHxK, cos[cols_BxT], sin[cols_BxT])
-
-
-def _heads(attn, x_BxTxD) -> jax.Array:
-    return x_BxTxD.reshape(*x_BxTxD.shape[:2], attn.n_heads, attn.head_dim)
-
-
-def _qk_norm(attn, t_BxTxHxK) -> jax.Array:
-    """ngpt: `s_qk * norm_dh(t)` (docs/design.md); rmsnorm: unchanged."""
-    if attn.ngpt:
-        return attn.s_qk[...].reshape(attn.n_heads, attn.head_dim) * l2norm(t_BxTxHxK)
-    return t_BxTxHxK
-
-
-def _scale(attn) -> float:
-    return math.sqrt(attn.head_dim) if attn.ngpt else 1.0 / math.sqrt(attn.head_dim)
-
-
-def _self_attention(attn, x_BxTxD, cols_BxT, rope, cache, prefill: bool):
-    """Self-attention of new tokens at positions `cols_BxT`; returns (output, updated cache).
-
-    Prefill (all rows from position 0) attends causally among the T prompt tokens and writes
-    them to cache columns [0, T); a decode step (T = 1) writes each row's key and value at its
-    own position and attends to that row's cache up to it.
-    """
-    B, T, D = x_BxTxD.shape
-    q = _qk_norm(attn, _position(_heads(attn, x_BxTxD @ attn.wq[...]), cols_BxT, rope))
-    k = _qk_norm(attn, _position(_heads(attn, x_BxTxD @ attn.wk[...]), cols_BxT, rope))
-    v = _heads(attn, x_BxTxD @ attn.wv[...])
-    k_cache, v_cache = cache
-    if prefill:
-        k_cache, v_cache = k_cache.at[:, :T].set(k), v_cache.at[:, :T].set(v)
-        mask_BxTxT = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-        y = attend(q, k, v, mask_BxTxT, _scale(attn))
-    else:
-        rows = jnp.arange(B)
-        k_cache = k_cache.at[rows, cols_BxT[:, 0]].set(k[:, 0])
-        v_cache = v_cache.at[rows, cols_BxT[:, 0]].set(v[:, 0])
-        mask_BxTxS = jnp.arange(k_cache.shape[1])[None, None, :] <= cols_BxT[:, :, None]
-        y = attend(q, k_cache, v_cache, mask_BxTxS, _scale(attn))
-    return y.reshape(B, T, D) @ attn.wo[...], (k_cache, v_cache)
-
-
-def _cross_kv(attn, enc_BxSxD) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention keys (normalized and scaled for ngpt) and values, once per request."""
-    return _qk_norm(attn, _heads(attn, enc_BxSxD @ attn.wk[...])), _heads(attn, enc_BxSxD @ attn.wv[...])
-
-
-def _cross_attention(attn, x_BxTxD, kv, enc_valid_BxS) -> jax.Array:
-    B, T, D = x_BxTxD.shape
-    q = _qk_norm(attn, _heads(attn, x_BxTxD @ attn.wq[...]))
-    mask_BxTxS = jnp.broadcast_to(enc_valid_BxS[:, None, :], (B, T, enc_valid_BxS.shape[1]))
-    y = attend(q, kv[0], kv[1], mask_BxTxS, _scale(attn))
-    return y.reshape(B, T, D) @ attn.wo[...]
-
-
-def _decoder(model: TnT, tokens_BxT, cols_BxT, rope, caches, cross, enc_valid_BxS,
-             prefill: bool):
-    """The decoder stack (as `Stack.__call__`) on new tokens; returns (h [B, T, D], caches)."""
-    dec = model.decoder
-    h = jnp.take(dec.embed[...], tokens_BxT, axis=0)
-    if dec.final_norm is None:
-        h = l2norm(h)
-    new_caches = []
-    for i, layer in enumerate(dec.layers):
-        written = []
-
-        def self_attn(x, layer=layer, i=i, written=written):
-            y, cache = _self_attention(layer.attn, x, cols_BxT, rope, caches[i], prefill)
-            written.append(cache)
-            return y
-
-        h = layer._residual(h, "attn", self_attn)
-        new_caches.append(written[0])
-        if layer.cross is not None:
-            h = layer._residual(h, "cross", lambda x, layer=layer, i=i: _cross_attention(
-                layer.cross, x, cross[i], enc_valid_BxS))
-        h = layer._residual(h, "mlp", layer.mlp)
-    return (h if dec.final_norm is None else dec.final_norm(h)), new_caches
-
-
-def _logits(model: TnT, h_BxD) -> jax.Array:
-    logits = (h_BxD @ model.lm_head[...]).astype(jnp.float32)
-    return logits * model.s_z[...] if model.cfg.norm == "ngpt" else logits
-
-
 def _at_eos(tok_B: jax.Array, eos: int | None) -> jax.Array:
     return tok_B == eos if eos is not None else jnp.zeros_like(tok_B, dtype=bool)
 
@@ -224,17 +78,10 @@ def _generate_cached(graphdef, params, enc_BxS, dec_BxP, lengths_B, knobs, n_new
     model = merge_params(graphdef, params)
     cfg = model.cfg
     B, P = dec_BxP.shape
-    rope = model.rope(cache_len)
-    cross, enc_valid = None, None
-    if enc_BxS is not None:
-        enc_out = model.encode(enc_BxS)
-        cross = [_cross_kv(layer.cross, enc_out) for layer in model.decoder.layers]
-        enc_valid = enc_BxS != cfg.pad_id
-    zeros = jnp.zeros((B, cache_len, cfg.n_heads, cfg.head_dim), jnp.float32)
-    caches = [(zeros, zeros) for _ in model.decoder.layers]
-    cols = jnp.broadcast_to(jnp.arange(P)[None], (B, P))
-    h, caches = _decoder(model, dec_BxP, cols, rope, caches, cross, enc_valid, prefill=True)
-    logits = _logits(model, h[jnp.arange(B), lengths_B - 1])
+    cache = model.start_cache(B, cache_len, enc_BxS)
+    positions = jnp.broadcast_to(jnp.arange(P)[None], (B, P))
+    logits, cache = model.extend(dec_BxP, positions, cache)
+    logits = logits[jnp.arange(B), lengths_B - 1]
     tok = _choose(logits, knobs, jax.random.fold_in(key, 0), cfg.pad_id, greedy)
     out = jnp.full((B, n_new), cfg.pad_id, jnp.int32).at[:, 0].set(tok)
     eos = cfg.eos_id if stop_at_eos else None
@@ -247,19 +94,17 @@ def _generate_cached(graphdef, params, enc_BxS, dec_BxP, lengths_B, knobs, n_new
         return (t < n_new) & ~jnp.all(done)
 
     def body(carry):
-        t, tok, out, done, caches, lbuf = carry
-        cols = (lengths_B + t - 1)[:, None]
-        h, caches = _decoder(model, tok[:, None], cols, rope, caches, cross, enc_valid,
-                             prefill=False)
-        logits = _logits(model, h[:, 0])
+        t, tok, out, done, cache, lbuf = carry
+        logits, cache = model.extend(tok[:, None], (lengths_B + t - 1)[:, None], cache)
+        logits = logits[:, 0]
         new = _choose(logits, knobs, jax.random.fold_in(key, t), cfg.pad_id, greedy)
         new = jnp.where(done, cfg.pad_id, new)
         if lbuf is not None:
             lbuf = lbuf.at[:, t].set(logits)
         done = done | _at_eos(new, eos)
-        return t + 1, new, out.at[:, t].set(new), done, caches, lbuf
+        return t + 1, new, out.at[:, t].set(new), done, cache, lbuf
 
-    carry = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, caches, lbuf))
+    carry = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, cache, lbuf))
     return carry[2], carry[5]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,28 +55,66 @@ _l2norm.defvjp(_l2norm_fwd, _l2norm_bwd)
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (y * scale).astype(x.dtype)
+    return (y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)).astype(x.dtype)
 
 
-def rope_tables(length: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1 (`tnt.rope`)."""
-    cos, sin = rotate_half_tables(length, head_dim, base)
-    return jnp.asarray(cos), jnp.asarray(sin)
+class RoPE:
+    """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
+
+    Holds the tables for positions 0..length-1, computed once in float64 by the shared numpy
+    `tnt.rope`, and hides which transform they serve: the rotation of pairs
+    (x[i], x[i + dh/2]) by angle `pos * base^(-2i/dh)` (the "rotate half" convention), or, with
+    `rope_mode="ngpt_reference"` (imported checkpoints only), the public nGPT code's transform
+    `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10).
+    """
+
+    def __init__(self, cfg: ModelConfig, length: int):
+        self.reference = cfg.rope_mode == "ngpt_reference"
+        if self.reference:
+            tables = (reference_swap_table(length, cfg.head_dim, cfg.rope_base),)
+        else:
+            tables = rotate_half_tables(length, cfg.head_dim, cfg.rope_base)
+        self.tables = tuple(jnp.asarray(t) for t in tables)
+
+    def apply(self, x_BxLxHxK: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+        """`x` transformed at `positions` (each row its own, e.g. while decoding), or at
+        0..L-1 when None."""
+        if positions_BxL is None:
+            L = x_BxLxHxK.shape[1]
+            tables = [t[None, :L, None, :] for t in self.tables]
+        else:
+            tables = [t[positions_BxL][:, :, None, :] for t in self.tables]
+        if self.reference:
+            pairs = x_BxLxHxK.reshape(*x_BxLxHxK.shape[:-1], -1, 2)[..., ::-1]
+            return pairs.reshape(x_BxLxHxK.shape) * tables[0]
+        cos, sin = tables
+        x1, x2 = jnp.split(x_BxLxHxK, 2, axis=-1)
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def apply_rope(x_BxLxHxK: jax.Array, cos_LxK2: jax.Array, sin_LxK2: jax.Array) -> jax.Array:
-    """Rotate pairs (x[i], x[i + dh/2]) by angle pos * freq_i (the "rotate half" convention)."""
-    x1, x2 = jnp.split(x_BxLxHxK, 2, axis=-1)
-    cos, sin = cos_LxK2[None, :, None, :], sin_LxK2[None, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+class KVCache(NamedTuple):
+    """One attention layer's keys and values [B, S, H, dh], stored as attention uses them (keys
+    transformed at their own position and, for ngpt, normalized and scaled by s_qk).
+
+    Self-attention writes each new token's key and value at its position; cross-attention's
+    cache holds the encoder output's, computed once per request.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, positions_BxT: jax.Array):
+        rows_Bx1 = jnp.arange(k_BxTxHxK.shape[0])[:, None]
+        return KVCache(self.k.at[rows_Bx1, positions_BxT].set(k_BxTxHxK),
+                       self.v.at[rows_Bx1, positions_BxT].set(v_BxTxHxK))
 
 
-def apply_reference_rope(x_BxLxHxK: jax.Array, table_LxK: jax.Array) -> jax.Array:
-    """`rope_mode="ngpt_reference"`, for imported checkpoints only: the public nGPT code's
-    transform (not a rotation, NVIDIA/ngpt#10), `swap_pairs(x) * T` with `T` from
-    `tnt.rope.reference_swap_table`."""
-    pairs = x_BxLxHxK.reshape(*x_BxLxHxK.shape[:-1], -1, 2)[..., ::-1]
-    return pairs.reshape(x_BxLxHxK.shape) * table_LxK[None, :, None, :]
+class DecodeCache(NamedTuple):
+    """What decoding keeps between calls of `TnT.extend`: per decoder layer the self-attention
+    cache and (encoder_decoder) the cross-attention cache, and which encoder tokens are real."""
+
+    layers: tuple[tuple[KVCache, KVCache | None], ...]
+    enc_valid_BxS: jax.Array | None
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -136,34 +175,45 @@ class Attention(nnx.Module):
             self.alpha = _param(specs, f"{prefix}.alpha", rngs)
             self.s_qk = _param(specs, f"{prefix}.s_qk", rngs)
 
-    def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, rope_tables=None) -> jax.Array:
-        B, L, D = x_BxLxD.shape
-        heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.n_heads, self.head_dim)  # noqa: E731
-        q = heads(x_BxLxD @ self.wq[...])
-        k = heads(kv_BxSxD @ self.wk[...])
-        v = heads(kv_BxSxD @ self.wv[...])
+    def _heads(self, t_BxLxD: jax.Array) -> jax.Array:
+        return t_BxLxD.reshape(t_BxLxD.shape[0], t_BxLxD.shape[1], self.n_heads, self.head_dim)
+
+    def _qk(self, t_BxLxHxK, rope: RoPE | None, positions_BxL) -> jax.Array:
+        """RoPE (self-attention) and, for ngpt, `s_qk * norm_dh(t)` on q or k."""
         if self.rope:
-            cos, sin = rope_tables
-            S = k.shape[1]
-            if cos is None:  # rope_mode="ngpt_reference": `sin` holds the reference's table
-                q, k = apply_reference_rope(q, sin[:L]), apply_reference_rope(k, sin[:S])
-            else:
-                q, k = apply_rope(q, cos[:L], sin[:L]), apply_rope(k, cos[:S], sin[:S])
+            t_BxLxHxK = rope.apply(t_BxLxHxK, positions_BxL)
         if self.ngpt:
-            s_qk = self.s_qk[...].reshape(self.n_heads, self.head_dim)
-            q, k = s_qk * l2norm(q), s_qk * l2norm(k)
-            scale = math.sqrt(self.head_dim)
-        else:
-            scale = 1.0 / math.sqrt(self.head_dim)
+            s_qk_1x1xHxK = self.s_qk[...].reshape(1, 1, self.n_heads, self.head_dim)
+            t_BxLxHxK = s_qk_1x1xHxK * l2norm(t_BxLxHxK)
+        return t_BxLxHxK
+
+    def keys_values(self, kv_BxSxD, rope: RoPE | None = None, positions_BxS=None) -> KVCache:
+        """Keys and values of `kv` as attention uses them (what a cache stores)."""
+        k = self._qk(self._heads(kv_BxSxD @ self.wk[...]), rope, positions_BxS)
+        return KVCache(k, self._heads(kv_BxSxD @ self.wv[...]))
+
+    def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, rope: RoPE | None = None,
+                 positions_BxL=None, cache: KVCache | None = None):
+        """Returns (output [B, L, D], cache). With a cache, the keys of `kv` (if given) are
+        written at `positions` first and the queries attend to the whole cache."""
+        B, L, D = x_BxLxD.shape
+        q = self._qk(self._heads(x_BxLxD @ self.wq[...]), rope, positions_BxL)
+        if kv_BxSxD is not None:
+            k, v = self.keys_values(kv_BxSxD, rope, positions_BxL)
+            if cache is not None:
+                cache = cache.write(k, v, positions_BxL)
+        if cache is not None:
+            k, v = cache
+        scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
         y = attend(q, k, v, mask_BxLxS, scale)
-        return y.reshape(B, L, D) @ self.wo[...]
+        return y.reshape(B, L, D) @ self.wo[...], cache
 
 
 class MLP(nnx.Module):
     """Gated MLP `(u * act(v)) @ w_out` with `[u, v] = x @ w_in` (ngpt scales uv by s_uv*sqrt(d))."""
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs):
-        self.ngpt, self.hidden, self.d_model = cfg.norm == "ngpt", cfg.hidden, cfg.d_model
+        self.ngpt, self.d_model = cfg.norm == "ngpt", cfg.d_model
         self.activation = cfg.activation
         self.w_in = _param(specs, f"{prefix}.w_in", rngs)
         self.w_out = _param(specs, f"{prefix}.w_out", rngs)
@@ -174,7 +224,7 @@ class MLP(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         w_in = self.w_in[...]
         if self.ngpt:  # (x @ w) * s == x @ (w * s) for a per-column s: scale d*2F, not B*L*2F
-            w_in = w_in * (self.s_uv[...] * math.sqrt(self.d_model))
+            w_in = w_in * (self.s_uv[...] * math.sqrt(self.d_model))[None, :]
         u, v = split_halves(x_BxLxD @ w_in)
         act = gelu(v) if self.activation == "gelu" else jax.nn.silu(v)
         return (u * act) @ self.w_out[...]
@@ -210,15 +260,26 @@ class Block(nnx.Module):
             self.cross_norm = Scale(specs, f"{prefix}.cross_norm", rngs) if cross else None
             self.mlp_norm = Scale(specs, f"{prefix}.mlp_norm", rngs)
 
-    def __call__(self, h, self_mask, rope, enc=None, cross_mask=None) -> jax.Array:
-        h = self._residual(h, "attn", lambda x: self.attn(x, x, self_mask, rope))
+    def __call__(self, h, self_mask, rope: RoPE, enc=None, cross_mask=None, positions=None,
+                 cache: tuple[KVCache, KVCache | None] | None = None):
+        """Returns (h, cache); `cache` is (self-attention's, cross-attention's) or None."""
+        self_cache, cross_cache = (None, None) if cache is None else cache
+
+        def attn(x):
+            nonlocal self_cache
+            y, self_cache = self.attn(x, x, self_mask, rope, positions, self_cache)
+            return y
+
+        h = self._residual(h, "attn", attn)
         if self.cross is not None:
-            h = self._residual(h, "cross", lambda x: self.cross(x, enc, cross_mask))
-        return self._residual(h, "mlp", self.mlp)
+            h = self._residual(h, "cross", lambda x: self.cross(x, enc, cross_mask,
+                                                                 cache=cross_cache)[0])
+        h = self._residual(h, "mlp", self.mlp)
+        return h, (None if cache is None else (self_cache, cross_cache))
 
     def _residual(self, h, name: str, fn) -> jax.Array:
         if self.ngpt:
-            alpha = jnp.abs(getattr(self, name).alpha[...])
+            alpha = jnp.abs(getattr(self, name).alpha[...]).reshape(1, 1, -1)
             return l2norm(h + alpha * (l2norm(fn(h)) - h))
         return h + fn(getattr(self, f"{name}_norm")(h))
 
@@ -233,13 +294,20 @@ class Stack(nnx.Module):
                                 for i in range(n_layers)])
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", rngs)
 
-    def __call__(self, tokens_BxL, self_mask, rope, enc=None, cross_mask=None) -> jax.Array:
+    def __call__(self, tokens_BxL, self_mask, rope: RoPE, enc=None, cross_mask=None,
+                 positions=None, cache=None):
+        """Returns (h, cache): the last layer's output and, with a cache (one per layer), the
+        caches with the new tokens written."""
         h = jnp.take(self.embed[...], tokens_BxL, axis=0)
         if self.final_norm is None:  # ngpt: the blocks take unit vectors (docs/design.md's norm(h))
             h = l2norm(h)
-        for layer in self.layers:
-            h = layer(h, self_mask, rope, enc, cross_mask)
-        return h if self.final_norm is None else self.final_norm(h)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            h, layer_cache = layer(h, self_mask, rope, enc, cross_mask, positions,
+                                   None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        h = h if self.final_norm is None else self.final_norm(h)
+        return h, (None if cache is None else tuple(new_cache))
 
 
 class TnT(nnx.Module):
@@ -265,20 +333,13 @@ class TnT(nnx.Module):
         if not isinstance(tokens, jax.core.Tracer):  # under jit the caller validates the batch
             check_token_ids(np.asarray(tokens), self.cfg.vocab_size, what)
 
-    def rope(self, length: int):
-        """(cos, sin) for `apply_rope`, or (None, table) with `rope_mode="ngpt_reference"`."""
-        cfg = self.cfg
-        if cfg.rope_mode == "ngpt_reference":
-            return None, jnp.asarray(reference_swap_table(length, cfg.head_dim, cfg.rope_base))
-        return rope_tables(length, cfg.head_dim, cfg.rope_base)
-
     def encode(self, enc_tokens_BxS: jax.Array) -> jax.Array:
         """The encoder output [B, S, D] (ngpt: unit vectors; rmsnorm: after the final norm)."""
         self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens")
         valid_BxS = enc_tokens_BxS != self.cfg.pad_id
         mask = jnp.broadcast_to(valid_BxS[:, None, :], (*enc_tokens_BxS.shape,
                                                         enc_tokens_BxS.shape[1]))
-        return self.encoder(enc_tokens_BxS, mask, self.rope(enc_tokens_BxS.shape[1]))
+        return self.encoder(enc_tokens_BxS, mask, RoPE(self.cfg, enc_tokens_BxS.shape[1]))[0]
 
     def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None) -> jax.Array:
         self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens")
@@ -289,11 +350,53 @@ class TnT(nnx.Module):
         if enc_BxSxD is not None:
             cross_mask = jnp.broadcast_to((enc_tokens_BxS != self.cfg.pad_id)[:, None, :],
                                           (dec_tokens_BxL.shape[0], L, enc_tokens_BxS.shape[1]))
-        h = self.decoder(dec_tokens_BxL, self_mask, self.rope(L), enc_BxSxD, cross_mask)
-        logits = (h @ self.lm_head[...]).astype(jnp.float32)
+        h, _ = self.decoder(dec_tokens_BxL, self_mask, RoPE(self.cfg, L), enc_BxSxD, cross_mask)
+        return self._logits(h)
+
+    def _logits(self, h_BxLxD: jax.Array) -> jax.Array:
+        logits = (h_BxLxD @ self.lm_head[...]).astype(jnp.float32)
         if self.cfg.norm == "ngpt":
-            logits = logits * self.s_z[...]
+            logits = logits * self.s_z[...].reshape(1, 1, -1)
         return logits
+
+    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
+        """Empty self-attention caches of `length` positions for `batch` rows; for
+        encoder_decoder, the encoder runs here once and each layer's cross-attention keys and
+        values are computed once."""
+        cfg = self.cfg
+        zeros = jnp.zeros((batch, length, cfg.n_heads, cfg.head_dim), jnp.float32)
+        enc_out = enc_valid = None
+        if cfg.has_encoder:
+            if enc_tokens_BxS is None:
+                raise ValueError("encoder_decoder model needs enc_tokens")
+            enc_out, enc_valid = self.encode(enc_tokens_BxS), enc_tokens_BxS != cfg.pad_id
+        layers = tuple((KVCache(zeros, zeros),
+                        None if enc_out is None else layer.cross.keys_values(enc_out))
+                       for layer in self.decoder.layers)
+        return DecodeCache(layers, enc_valid)
+
+    def extend(self, tokens_BxT, positions_BxT, cache: DecodeCache
+               ) -> tuple[jax.Array, DecodeCache]:
+        """Decode with the cache: the logits [B, T, V] of `tokens` at `positions` (each row its
+        own), which attend to the cached positions up to their own; their keys and values are
+        written into the returned cache. A prefill is T prompt tokens at 0..T-1, a decode step
+        one token per row: a pure function of the parameters, the cache and the tokens, so it
+        runs inside `lax.while_loop`."""
+        self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
+        S = cache.layers[0][0].k.shape[1]
+        if positions_BxT.shape != tokens_BxT.shape or (
+                not isinstance(positions_BxT, jax.core.Tracer) and int(positions_BxT.max()) >= S):
+            raise ValueError(f"positions must be [B, T] = {tokens_BxT.shape} within the cache's "
+                             f"{S} columns (JAX would clamp), got {positions_BxT.shape}")
+        self_mask = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+        cross_mask = None
+        if cache.enc_valid_BxS is not None:
+            B, T = tokens_BxT.shape
+            cross_mask = jnp.broadcast_to(cache.enc_valid_BxS[:, None, :],
+                                          (B, T, cache.enc_valid_BxS.shape[1]))
+        h, layers = self.decoder(tokens_BxT, self_mask, RoPE(self.cfg, S), None, cross_mask,
+                                 positions_BxT, cache.layers)
+        return self._logits(h), DecodeCache(layers, cache.enc_valid_BxS)
 
     def __call__(self, enc_tokens_BxS, dec_tokens_BxL) -> jax.Array:
         if self.cfg.has_encoder:

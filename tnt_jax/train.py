@@ -23,7 +23,7 @@ from tnt.checkpoint_meta import make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
 from tnt_jax import checkpoint
-from tnt_jax.generate import greedy
+from tnt_jax.generate import inference
 from tnt_jax.model import TnT, loss_fn, merge_params, split_params
 from tnt_jax.optim import build_optimizer
 
@@ -133,5 +133,6 @@ class JaxBackend:
         self.state = TrainState(**state)
         return meta
 
-    def sample(self, enc_tokens: np.ndarray | None, prefix: np.ndarray, n: int) -> np.ndarray:
-        return greedy(self.model(), enc_tokens, prefix, n)
+    def sample(self, tokenizer, prompt: str, n: int) -> str:
+        """Greedy `inference` of up to `n` new tokens from `prompt` (the end-of-run sample)."""
+        return inference(self.model(), tokenizer, prompt, max_length=n)

@@ -54,42 +54,80 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
     return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(x.dtype)
 
 
-def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, dh/2] for frequencies base^(-2i/dh), positions 0..L-1 (`tnt.rope`, shared
-    with tnt_jax)."""
-    cos, sin = rotate_half_tables(length, head_dim, base)
-    return torch.from_numpy(cos), torch.from_numpy(sin)
+class RoPE:
+    """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
 
-
-def rope_full(cos_LxK2: torch.Tensor, sin_LxK2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tables over the whole head dim, `[cos, cos]` and `[-sin, sin]` [L, dh], for
-    `apply_rope`'s three-op form."""
-    return torch.cat([cos_LxK2, cos_LxK2], -1), torch.cat([-sin_LxK2, sin_LxK2], -1)
-
-
-def apply_rope(x: torch.Tensor, cos_LxK: torch.Tensor, sin_LxK: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + dh/2]) by angle pos * freq_i (the "rotate half" convention):
-    `[x1 cos - x2 sin, x2 cos + x1 sin]`, the same arithmetic as tnt_jax.model.apply_rope.
-
-    `x` is [..., L, dh] after broadcasting `cos_LxK`, `sin_LxK` (from `rope_full`) against it.
+    Holds the tables for positions 0..length-1 (float64 numpy `tnt.rope`, shared with tnt_jax)
+    and hides which transform they serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
+    `pos * base^(-2i/dh)`, computed as `x * [cos, cos] + swap_halves(x) * [-sin, sin]` (three
+    ops), or, with `rope_mode="ngpt_reference"` (imported checkpoints only), the public nGPT
+    code's `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10).
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos_LxK + torch.cat([x2, x1], dim=-1) * sin_LxK
+
+    def __init__(self, cfg: ModelConfig, length: int, device: torch.device | str = "cpu"):
+        self.reference = cfg.rope_mode == "ngpt_reference"
+        if self.reference:
+            tables = (reference_swap_table(length, cfg.head_dim, cfg.rope_base),)
+        else:
+            cos, sin = rotate_half_tables(length, cfg.head_dim, cfg.rope_base)
+            tables = (np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1))
+        self.tables = tuple(torch.from_numpy(t).to(device) for t in tables)
+
+    def apply(self, x_BxLxK: torch.Tensor, positions_BxL: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """`x` [B, L, ..., dh] transformed at `positions` (each row its own, e.g. while
+        decoding), or at 0..L-1 when None."""
+        middle = (1,) * (x_BxLxK.ndim - 3)
+        if positions_BxL is None:
+            L = x_BxLxK.shape[1]
+            tables = [t[:L].view(L, *middle, -1) for t in self.tables]
+        else:
+            tables = [t[positions_BxL].view(*positions_BxL.shape, *middle, -1) for t in self.tables]
+        if self.reference:
+            return x_BxLxK.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * tables[0]
+        x1, x2 = x_BxLxK.chunk(2, dim=-1)
+        return x_BxLxK * tables[0] + torch.cat([x2, x1], dim=-1) * tables[1]
 
 
-def reference_rope_table(length: int, head_dim: int, base: float) -> torch.Tensor:
-    """`rope_mode="ngpt_reference"` (import only, docs/design.md "RoPE"): the public nGPT code's
-    transform, which is not a rotation (NVIDIA/ngpt#10). Its interleaved sinusoids
-    `emb[p, 2j] = sin(p f_j)`, `emb[p, 2j+1] = cos(p f_j)` are split by halves into `S` (first)
-    and `C` (second), and it returns `out[2i] = -x[2i+1] C[i]`, `out[2i+1] = x[2i] S[i]`.
-    Returned here as one [L, dh] table `T` with `T[2i] = -C[i]`, `T[2i+1] = S[i]`, so that
-    `out = swap_pairs(x) * T` (`apply_reference_rope`)."""
-    return torch.from_numpy(reference_swap_table(length, head_dim, base))
+class KVCache:
+    """One attention layer's keys and values [B, H, S, dh], preallocated, stored as attention
+    uses them (keys transformed at their own position and, for ngpt, normalized and scaled by
+    s_qk). Attention reads the first `length` columns (the columns written in any row).
+
+    Self-attention writes each new token's key and value at its position, in place;
+    cross-attention's cache holds the encoder output's, computed once per request.
+    """
+
+    def __init__(self, k_BxHxSxK: torch.Tensor, v_BxHxSxK: torch.Tensor, length: int = 0):
+        self.k, self.v, self.length = k_BxHxSxK, v_BxHxSxK, length
+
+    def write(self, k_BxTxHxK, v_BxTxHxK, positions_BxT) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys and values at their positions; returns the readable columns."""
+        rows_Bx1 = torch.arange(k_BxTxHxK.shape[0], device=k_BxTxHxK.device)[:, None]
+        self.k[rows_Bx1, :, positions_BxT] = k_BxTxHxK
+        self.v[rows_Bx1, :, positions_BxT] = v_BxTxHxK
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
-def apply_reference_rope(x: torch.Tensor, table_LxK: torch.Tensor) -> torch.Tensor:
-    """The nGPT reference's position transform (see `reference_rope_table`)."""
-    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * table_LxK
+class DecodeCache:
+    """What decoding keeps between calls of `TnT.extend`: per decoder layer the self-attention
+    cache and (encoder_decoder) the cross-attention cache with its mask."""
+
+    def __init__(self, layers: list[tuple[KVCache, KVCache | None]], cross_mask: Mask | None):
+        self.layers, self.cross_mask = layers, cross_mask
+
+
+def _derived(module: nn.Module, name: str, fn, *params: torch.Tensor) -> torch.Tensor:
+    """`fn()`, a tensor computed from `params` (a fused or scaled weight), kept on `module` and
+    reused while no gradient is recorded and the parameters are unchanged (same storage and
+    version counter): decoding calls each layer once per token with the same weights."""
+    if torch.is_grad_enabled():
+        return fn()
+    key = [(p._version, p.data_ptr()) for p in params]
+    hit = module.__dict__.get(f"_derived_{name}")
+    if hit is None or hit[0] != key:
+        hit = module.__dict__[f"_derived_{name}"] = (key, fn())
+    return hit[1]
 
 
 class Mask:
@@ -146,34 +184,47 @@ class Attention(nn.Module):
             self.s_qk = _init(specs[f"{prefix}.s_qk"], gen)
         self.scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
 
-    def _qk(self, t_BxLxNxHxK: torch.Tensor, rope) -> torch.Tensor:
+    def _qk(self, t_BxLxNxHxK: torch.Tensor, rope: RoPE | None, positions_BxL) -> torch.Tensor:
         """RoPE (self-attention) and, for ngpt, `s_qk * norm_dh(.)` on stacked q and/or k."""
         if self.rope:
-            cos_LxK, sin_LxK = rope
-            L = t_BxLxNxHxK.shape[1]
-            if cos_LxK is None:  # rope_mode="ngpt_reference"; sin_LxK holds its table
-                t_BxLxNxHxK = apply_reference_rope(t_BxLxNxHxK, sin_LxK[:L, None, None])
-            else:
-                t_BxLxNxHxK = apply_rope(t_BxLxNxHxK, cos_LxK[:L, None, None],
-                                         sin_LxK[:L, None, None])
+            t_BxLxNxHxK = rope.apply(t_BxLxNxHxK, positions_BxL)
         if self.ngpt:
             t_BxLxNxHxK = l2norm(t_BxLxNxHxK) * self.s_qk.view(self.n_heads, self.head_dim)
         return t_BxLxNxHxK
 
-    def forward(self, x_BxLxD, kv_BxSxD, mask: Mask, rope=None) -> torch.Tensor:
+    def keys_values(self, kv_BxSxD: torch.Tensor) -> KVCache:
+        """Cross-attention keys and values of `kv` as attention uses them, for a cache."""
+        B, S, _ = kv_BxSxD.shape
+        kv = (kv_BxSxD @ torch.cat([self.wk, self.wv], 1)).view(B, S, 2, self.n_heads, -1)
+        k, v = self._qk(kv[:, :, :1], None, None)[:, :, 0], kv[:, :, 1]
+        return KVCache(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), S)
+
+    def forward(self, x_BxLxD, kv_BxSxD, mask: Mask, rope: RoPE | None = None,
+                positions_BxL=None, cache: KVCache | None = None):
+        """Returns (output [B, L, D], cache). With a cache, the keys of `kv` (if given) are
+        written at `positions` first (in place) and the queries attend to the cache."""
         B, L, D = x_BxLxD.shape
         H, K = self.n_heads, self.head_dim
         if kv_BxSxD is x_BxLxD:
-            qkv = (x_BxLxD @ torch.cat([self.wq, self.wk, self.wv], 1)).view(B, L, 3, H, K)
-            qk = self._qk(qkv[:, :, :2], rope)
+            w_qkv = _derived(self, "w_qkv", lambda: torch.cat([self.wq, self.wk, self.wv], 1),
+                             self.wq, self.wk, self.wv)
+            qkv = (x_BxLxD @ w_qkv).view(B, L, 3, H, K)
+            qk = self._qk(qkv[:, :, :2], rope, positions_BxL)
             q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
         else:
-            S = kv_BxSxD.shape[1]
-            q = self._qk((x_BxLxD @ self.wq).view(B, L, 1, H, K), rope)[:, :, 0]
-            kv = (kv_BxSxD @ torch.cat([self.wk, self.wv], 1)).view(B, S, 2, H, K)
-            k, v = self._qk(kv[:, :, :1], rope)[:, :, 0], kv[:, :, 1]
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
-        return y.transpose(1, 2).reshape(B, L, D) @ self.wo
+            q = self._qk((x_BxLxD @ self.wq).view(B, L, 1, H, K), rope, positions_BxL)[:, :, 0]
+            if kv_BxSxD is not None:
+                S = kv_BxSxD.shape[1]
+                kv = (kv_BxSxD @ torch.cat([self.wk, self.wv], 1)).view(B, S, 2, H, K)
+                k, v = self._qk(kv[:, :, :1], rope, positions_BxL)[:, :, 0], kv[:, :, 1]
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        elif kv_BxSxD is not None:
+            k, v = cache.write(k, v, positions_BxL)
+        else:
+            k, v = cache.k, cache.v
+        y = attend(q.transpose(1, 2), k, v, mask, self.scale)
+        return y.transpose(1, 2).reshape(B, L, D) @ self.wo, cache
 
 
 class MLP(nn.Module):
@@ -193,7 +244,8 @@ class MLP(nn.Module):
     def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
         # ngpt: (x @ w_in) * s_uv*sqrt(d) computed as x @ (w_in * s_uv*sqrt(d)), a [d, 2F]
         # product instead of a [B, L, 2F] one (equal up to rounding).
-        w_in = self.w_in * (self.s_uv * self.sqrt_d) if self.ngpt else self.w_in
+        w_in = (_derived(self, "w_in", lambda: self.w_in * (self.s_uv * self.sqrt_d), self.w_in,
+                         self.s_uv) if self.ngpt else self.w_in)
         u, v = (x_BxLxD @ w_in).split(self.hidden, dim=-1)
         act = F.gelu(v, approximate="none") if self.activation == "gelu" else F.silu(v)
         return (u * act) @ self.w_out
@@ -226,12 +278,16 @@ class Block(nn.Module):
             self.cross_norm = Scale(specs, f"{prefix}.cross_norm", gen) if cross else None
             self.mlp_norm = Scale(specs, f"{prefix}.mlp_norm", gen)
 
-    def forward(self, h, self_mask: Mask, rope, enc=None, cross_mask: Mask | None = None):
-        h = self._residual(h, self.attn, "attn_norm", lambda x: self.attn(x, x, self_mask, rope))
+    def forward(self, h, self_mask: Mask, rope: RoPE, enc=None, cross_mask: Mask | None = None,
+                positions=None, cache: tuple[KVCache, KVCache | None] | None = None):
+        """Returns (h, cache); `cache` is (self-attention's, cross-attention's) or None."""
+        self_cache, cross_cache = (None, None) if cache is None else cache
+        h = self._residual(h, self.attn, "attn_norm",
+                           lambda x: self.attn(x, x, self_mask, rope, positions, self_cache)[0])
         if self.cross is not None:
             h = self._residual(h, self.cross, "cross_norm",
-                               lambda x: self.cross(x, enc, cross_mask))
-        return self._residual(h, self.mlp, "mlp_norm", self.mlp)
+                               lambda x: self.cross(x, enc, cross_mask, cache=cross_cache)[0])
+        return self._residual(h, self.mlp, "mlp_norm", self.mlp), cache
 
     def _residual(self, h, sub: nn.Module, norm_name: str, fn) -> torch.Tensor:
         if self.ngpt:  # h is unit-norm already (Stack normalizes the embedding rows once)
@@ -251,14 +307,19 @@ class Stack(nn.Module):
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", gen)
         self.compiled = False  # see TnT.compile_blocks
 
-    def forward(self, tokens_BxL, self_mask: Mask, rope, enc=None, cross_mask=None):
+    def forward(self, tokens_BxL, self_mask: Mask, rope: RoPE, enc=None, cross_mask=None,
+                positions=None, cache=None):
+        """Returns (h, cache): the last layer's output and the caches (one per layer, written in
+        place) or None."""
         h = F.embedding(tokens_BxL, self.embed)
         if self.final_norm is None:  # ngpt: norm(h) once; every block's output is unit-norm
             h = l2norm(h)
         compiled = self.compiled and torch.is_grad_enabled()
-        for layer in self.layers:
-            h = (layer if compiled else layer.forward)(h, self_mask, rope, enc, cross_mask)
-        return h if self.final_norm is None else self.final_norm(h)
+        for i, layer in enumerate(self.layers):
+            h, _ = (layer if compiled else layer.forward)(h, self_mask, rope, enc, cross_mask,
+                                                          positions,
+                                                          None if cache is None else cache[i])
+        return (h if self.final_norm is None else self.final_norm(h)), cache
 
 
 class TnT(nn.Module):
@@ -280,7 +341,7 @@ class TnT(nn.Module):
         self.lm_head = _init(specs["lm_head"], gen)
         if cfg.norm == "ngpt":
             self.s_z = _init(specs["s_z"], gen)
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple, RoPE] = {}
 
     def compile_blocks(self, enable: bool = True) -> TnT:
         """Run the blocks through `torch.compile` (inductor fuses the many elementwise ops of the
@@ -312,18 +373,11 @@ class TnT(nn.Module):
         if int(lo) < 0 or int(hi) >= self.cfg.vocab_size:
             check_token_ids(tokens.cpu().numpy(), self.cfg.vocab_size, what)
 
-    def rope(self, length: int, device: torch.device):
-        """(cos, sin) [L, dh] for `apply_rope`; with `rope_mode="ngpt_reference"`,
-        (None, table) for `apply_reference_rope`."""
+    def rope(self, length: int, device: torch.device) -> RoPE:
+        """The position transform for `length` positions, built once per length and device."""
         key = (length, device)
         if key not in self._rope_cache:
-            dh, base = self.cfg.head_dim, self.cfg.rope_base
-            if self.cfg.rope_mode == "ngpt_reference":
-                tables = (None, reference_rope_table(length, dh, base).to(device))
-            else:
-                cos, sin = rope_full(*rope_tables(length, dh, base))
-                tables = (cos.to(device), sin.to(device))
-            self._rope_cache[key] = tables
+            self._rope_cache[key] = RoPE(self.cfg, length, device)
         return self._rope_cache[key]
 
     def _valid(self, tokens_BxL: torch.Tensor) -> torch.Tensor | None:
@@ -337,7 +391,7 @@ class TnT(nn.Module):
         valid = self._valid(enc_tokens_BxS)
         S = enc_tokens_BxS.shape[1]
         mask = Mask(False, None if valid is None else valid[:, None, None, :].expand(-1, 1, S, S))
-        return self.encoder(enc_tokens_BxS, mask, self.rope(S, enc_tokens_BxS.device))
+        return self.encoder(enc_tokens_BxS, mask, self.rope(S, enc_tokens_BxS.device))[0]
 
     def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None) -> torch.Tensor:
         self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens")
@@ -355,10 +409,60 @@ class TnT(nn.Module):
             enc_valid = self._valid(enc_tokens_BxS)
             cross_mask = Mask(False, None if enc_valid is None else
                               enc_valid[:, None, None, :].expand(-1, 1, L, -1))
-        h = self.decoder(dec_tokens_BxL, self_mask, self.rope(L, device), enc_BxSxD, cross_mask)
+        h, _ = self.decoder(dec_tokens_BxL, self_mask, self.rope(L, device), enc_BxSxD,
+                            cross_mask)
+        return self._logits(h)
+
+    def _logits(self, h_BxLxD: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "ngpt":  # s_z * (h @ lm_head), as h @ (lm_head * s_z): [d, V] not [B, L, V]
-            return (h @ (self.lm_head * self.s_z)).float()
-        return (h @ self.lm_head).float()
+            head = _derived(self, "head", lambda: self.lm_head * self.s_z, self.lm_head, self.s_z)
+            return (h_BxLxD @ head).float()
+        return (h_BxLxD @ self.lm_head).float()
+
+    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
+        """Preallocated self-attention caches of `length` positions for `batch` rows; for
+        encoder_decoder, the encoder runs here once and each layer's cross-attention keys and
+        values are computed once."""
+        cfg, device = self.cfg, self.lm_head.device
+        shape = (batch, cfg.n_heads, length, cfg.head_dim)
+        enc_out, cross_mask = None, None
+        if cfg.has_encoder:
+            if enc_tokens_BxS is None:
+                raise ValueError("encoder_decoder model needs enc_tokens")
+            enc_out = self.encode(enc_tokens_BxS)
+            valid = self._valid(enc_tokens_BxS)
+            cross_mask = Mask(False, None if valid is None else valid[:, None, None, :])
+        layers = [(KVCache(torch.zeros(shape, device=device), torch.zeros(shape, device=device)),
+                   None if enc_out is None else layer.cross.keys_values(enc_out))
+                  for layer in self.decoder.layers]
+        return DecodeCache(layers, cross_mask)
+
+    def extend(self, tokens_BxT, positions_BxT, cache: DecodeCache) -> tuple[torch.Tensor,
+                                                                             DecodeCache]:
+        """Decode with the cache: the logits [B, T, V] of `tokens` at `positions` (each row its
+        own, consecutive: `start_B + 0..T-1`), which attend to the cached positions up to their
+        own; their keys and values are written into the cache in place. A prefill is T prompt
+        tokens at 0..T-1, a decode step one token per row."""
+        self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
+        B, T = tokens_BxT.shape
+        n_cols = int(positions_BxT.max()) + 1  # columns written in any row after this call
+        if positions_BxT.shape != (B, T) or n_cols > cache.layers[0][0].k.shape[2]:
+            raise ValueError(f"positions must be [B, T] = {(B, T)} within the cache's "
+                             f"{cache.layers[0][0].k.shape[2]} columns, got shape "
+                             f"{tuple(positions_BxT.shape)}, largest {n_cols - 1}")
+        for self_cache, _ in cache.layers:
+            self_cache.length = max(self_cache.length, n_cols)
+        if T == n_cols:  # a prefill: every row at 0..T-1
+            self_mask = Mask(True, None)
+        elif B == 1 and T == 1:  # one row sees every column written
+            self_mask = Mask(False, None)
+        else:
+            cols = torch.arange(n_cols, device=tokens_BxT.device)
+            self_mask = Mask(False, cols[None, None, None, :] <= positions_BxT[:, None, :, None])
+        h, _ = self.decoder(tokens_BxT, self_mask, self.rope(cache.layers[0][0].k.shape[2],
+                                                             tokens_BxT.device),
+                            None, cache.cross_mask, positions_BxT, cache.layers)
+        return self._logits(h), cache
 
     def forward(self, enc_tokens_BxS, dec_tokens_BxL) -> torch.Tensor:
         if self.cfg.has_encoder:

@@ -18,7 +18,7 @@ from tnt.checkpoint_meta import make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
 from tnt_torch import checkpoint
-from tnt_torch.generate import greedy
+from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
 from tnt_torch.optim import TnTOptimizer
 
@@ -152,6 +152,6 @@ class TorchBackend:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from e
         return meta
 
-    def sample(self, enc_tokens: np.ndarray | None, prefix: np.ndarray, n: int) -> np.ndarray:
-        self.net.eval()
-        return greedy(self.net, enc_tokens, prefix, n)
+    def sample(self, tokenizer, prompt: str, n: int) -> str:
+        """Greedy `inference` of up to `n` new tokens from `prompt` (the end-of-run sample)."""
+        return inference(self.net, tokenizer, prompt, max_length=n)
