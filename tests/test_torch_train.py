@@ -82,7 +82,7 @@ def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
         "meta.json", "optimizer.safetensors", "params.safetensors"]
     meta = json.loads((tmp_path / "3" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["tokenizer"] == SPEC
-    params, opt, _ = checkpoint.restore(tmp_path, cfg.model)
+    params, opt, _ = checkpoint.restore(tmp_path / "3", cfg.model)
     assert params["decoder.embed"].dtype == np.float32
     assert opt["decoder.embed.step"].shape == () and float(opt["decoder.embed.step"]) == 3
     backend.save(SPEC)  # saving the same step again replaces it
@@ -117,21 +117,22 @@ def test_checkpoint_refusals_name_the_problem(tmp_path, rng):
     params = tmp_path / "1" / "params.safetensors"
     good = params.read_bytes()
     params.write_bytes(good[:100])
-    with pytest.raises(CheckpointError, match="params.safetensors is corrupt"):
+    with pytest.raises(CheckpointError, match="1 is corrupt or partial"):
         TorchBackend(cfg).restore(tmp_path)
     params.write_bytes(good)
     (tmp_path / "1" / "optimizer.safetensors").unlink()
     with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
-        checkpoint.restore(tmp_path, cfg.model)
+        checkpoint.restore(tmp_path / "1", cfg.model)
     (tmp_path / "1" / "meta.json").write_text("{ corrupt")
     with pytest.raises(CheckpointError, match="metadata"):
         TorchBackend.read_meta(tmp_path)
     jax_run = tmp_path / "jax" / "checkpoints" / "5"
     (jax_run / "meta").mkdir(parents=True)
+    (jax_run / "state").mkdir()
     with pytest.raises(CheckpointError, match="jax backend"):
         TorchBackend.read_meta(tmp_path / "jax")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+    with pytest.raises(CheckpointError, match="holds no committed one"):
         TorchBackend.read_meta(tmp_path / "empty")
 
 
