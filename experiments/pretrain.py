@@ -27,7 +27,7 @@ from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from experiments.dynamics import Dynamics
 from experiments.run_lock import RunLock
 from tnt import checkpoint_io
-from tnt.checkpoint_meta import CheckpointError, config_differences, kill_point
+from tnt.checkpoint_meta import CheckpointError, config_differences
 from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config, parse_set
 from tnt.data import Batches, BatchSpec, DataError, load_corpus
 from tnt.params import param_specs
@@ -273,28 +273,31 @@ def _train_locked(args, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> f
     # purge step), so every step shows once; one event file per process.
     writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if (out / "tb").is_dir() else None,
                            filename_suffix=f".{os.getpid()}")
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
+               mininterval=1.0)
     try:
-        return _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, start, last_saved)
+        return _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
+                     last_saved)
     finally:
+        bar.close()
         backend.wait()  # a save in flight holds finite parameters: let it commit
         writer.close()
 
 
-def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, start, last_saved) -> float:
+def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
+          last_saved) -> float:
     t, spec = cfg.train.resolved(cfg.model.norm), corpus.tokenizer.spec
     alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
     dynamics = Dynamics(cfg.model) if t.analysis_every else None
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
     val_loss = float("nan")
-    bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     tick, tick_step = time.perf_counter(), start
     began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
     for step in range(start, t.max_steps):
         metrics = backend.step(batches.train_batch(step))
         began = began or time.perf_counter()
         done = step + 1
-        kill_point(f"step:{done}")
         last = done == t.max_steps
         log, evaluate = done % t.log_every == 0 or last, done % t.eval_every == 0 or last
         analyse = dynamics is not None and (done % t.analysis_every == 0 or last)

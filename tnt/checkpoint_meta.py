@@ -52,7 +52,7 @@ def config_differences(a: object, b: object) -> list[str]:
 def kill_point(point: str) -> None:
     """Test hook, not a feature: with `TNT_TEST_KILL=<point>` in the environment the process
     SIGKILLs itself here, so the kill-recovery tests (tests/test_kill_recovery.py) can stop a
-    run at an exact instant. Points: `save:<step>` inside a save (after the step's files are
-    written to the temp folder, before the commit), `step:<n>` after train step n."""
+    run at an exact instant: `save:<step>` is inside a save (torch: the step's files are in the
+    temp folder, not yet committed; jax: orbax's asynchronous write has begun)."""
     if os.environ.get(KILL_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
