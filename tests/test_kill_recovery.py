@@ -65,8 +65,9 @@ def test_kills_anywhere_then_resume_equal_an_uninterrupted_run(backend, corpus, 
     assert committed(cut / "checkpoints") == []
     if backend == "torch":  # synchronous save: its temp folder is certainly there
         assert stale_temp_folders(cut / "checkpoints")
-    partial = tmp_path / "partial"
-    shutil.copytree(cut, partial)
+    if backend == "torch":  # the loop's start-up is shared; its temp folder is deterministic
+        partial = tmp_path / "partial"
+        shutil.copytree(cut, partial)
 
     killed_run("save:6", *args(backend, corpus, cut, "--resume"))  # steps 4-6 logged, 6 unsaved
     assert [p.name for p, _ in committed(cut)] == ["3"]
@@ -78,6 +79,7 @@ def test_kills_anywhere_then_resume_equal_an_uninterrupted_run(backend, corpus, 
     for tag in ("train/loss", "train/grad_norm", "val/loss"):  # each step once, the same values
         assert scalars(cut, tag) == scalars(tmp_path / "full", tag), tag
 
-    assert main(args(backend, corpus, partial, "--max-steps", "3")) == 0  # fresh start, no --resume
-    assert stale_temp_folders(partial / "checkpoints") == []
-    assert [p.name for p, _ in committed(partial)] == ["3"]
+    if backend == "torch":  # a fresh start (no --resume) in a folder holding only a partial save
+        assert main(args(backend, corpus, partial, "--max-steps", "3")) == 0
+        assert stale_temp_folders(partial / "checkpoints") == []
+        assert [p.name for p, _ in committed(partial)] == ["3"]

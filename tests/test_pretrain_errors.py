@@ -112,7 +112,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused(backend, runs, corpus, capsy
 def test_divergence_stops_with_the_last_good_checkpoint(backend, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(args(backend, corpus, out, "--norm", "rmsnorm", "--lr", "1e3", "--max-steps", "30",
-                     "--ckpt-every", "1", "--set", "warmup_steps=0", "--set", "keep_checkpoints=2"))
+                     "--ckpt-every", "1", "--set", "warmup_steps=0", "--set", "keep_checkpoints=2",
+                     "--set", "analysis_every=1"))  # the dynamics' SVDs never see a NaN
     assert code == 3
     line = one_error_line(capsys.readouterr().err)
     assert "training diverged at step" in line and "last good checkpoint is step" in line
@@ -121,9 +122,14 @@ def test_divergence_stops_with_the_last_good_checkpoint(backend, corpus, tmp_pat
     for step_dir, _ in committed(out):
         params, _ = read_canonical(step_dir)
         assert all(np.isfinite(a).all() for a in params.values()), step_dir
-    assert main(args(backend, corpus, tmp_path / "ceiling", "--set", "max_loss=1")) == 3
+
+
+def test_a_loss_above_max_loss_stops_the_run(corpus, tmp_path, capsys):
+    """The ceiling is the shared loop's (one backend suffices)."""
+    assert main(args("torch", corpus, tmp_path / "run", "--set", "max_loss=1")) == 3
     line = one_error_line(capsys.readouterr().err)
     assert "exceeds max_loss=1" in line and "no checkpoint was written" in line
+    assert not (tmp_path / "run" / "checkpoints").exists() or committed(tmp_path / "run") == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import random_tokens, tiny_config
 
+from tnt import checkpoint_io
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import RunConfig, TrainConfig
 from tnt.tokenizer import ByteTokenizer
@@ -67,7 +68,7 @@ def test_save_restore_continues_exactly(tmp_path, rng):
             backend.step(b)
     pa, pb = to_canonical(a.net), to_canonical(b_.net)
     assert all(np.array_equal(pa[n], pb[n]) for n in pa)
-    assert TorchBackend.read_meta(tmp_path / "ckpt")["step"] == 3
+    assert read_meta(tmp_path / "ckpt")["step"] == 3
 
 
 def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
@@ -113,7 +114,7 @@ def test_checkpoint_refusals_name_the_problem(tmp_path, rng):
     with pytest.raises(CheckpointError, match="another model: d_model: 32 != 48"):
         TorchBackend(other).restore(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        TorchBackend.read_meta(tmp_path / "missing")
+        read_meta(tmp_path / "missing")
     params = tmp_path / "1" / "params.safetensors"
     good = params.read_bytes()
     params.write_bytes(good[:100])
@@ -125,15 +126,20 @@ def test_checkpoint_refusals_name_the_problem(tmp_path, rng):
         checkpoint.restore(tmp_path / "1", cfg.model)
     (tmp_path / "1" / "meta.json").write_text("{ corrupt")
     with pytest.raises(CheckpointError, match="metadata"):
-        TorchBackend.read_meta(tmp_path)
+        read_meta(tmp_path)
     jax_run = tmp_path / "jax" / "checkpoints" / "5"
     (jax_run / "meta").mkdir(parents=True)
     (jax_run / "state").mkdir()
     with pytest.raises(CheckpointError, match="jax backend"):
-        TorchBackend.read_meta(tmp_path / "jax")
+        read_meta(tmp_path / "jax")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no committed one"):
-        TorchBackend.read_meta(tmp_path / "empty")
+        read_meta(tmp_path / "empty")
+
+
+def read_meta(path) -> dict:
+    """The one reader's view of a torch run's latest checkpoint metadata."""
+    return checkpoint_io.read_meta(*checkpoint_io.find_checkpoint(path, "torch"))
 
 
 def test_bad_token_ids_are_refused_at_the_boundary(rng):

@@ -125,12 +125,6 @@ class JaxBackend:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    @classmethod
-    def read_meta(cls, path) -> dict:
-        """The metadata of the latest checkpoint under `path` (a run dir, its `checkpoints`
-        folder or a step folder), which must be this backend's."""
-        return checkpoint_io.read_meta(*checkpoint_io.find_checkpoint(path, cls.name))
-
     def restore(self, path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
         state, meta = checkpoint.restore(step_dir, self.state._asdict(), self.cfg.model)

@@ -140,12 +140,6 @@ class TorchBackend:
     def wait(self) -> None:
         """Saves are synchronous; nothing to wait for."""
 
-    @classmethod
-    def read_meta(cls, path) -> dict:
-        """The metadata of the latest checkpoint under `path` (a run dir, its `checkpoints`
-        folder or a step folder), which must be this backend's."""
-        return checkpoint_io.read_meta(*checkpoint_io.find_checkpoint(path, cls.name))
-
     def restore(self, path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
         params, opt_state, meta = checkpoint.restore(step_dir, self.cfg.model)
