@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tnt.checkpoint_io import find_checkpoint, locate, read_canonical
+from tnt.checkpoint_io import locate, newest_readable, read_step
 from tnt.config import RunConfig
 
 __all__ = ["Checkpoint", "locate", "read_checkpoint"]
@@ -39,7 +39,9 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """The canonical params and metadata of the latest checkpoint under `path`, either backend."""
-    step_dir, kind = find_checkpoint(path)
-    params, meta = read_canonical(step_dir)
-    return Checkpoint(params, meta, kind, step_dir)
+    """The canonical params and metadata of the latest readable checkpoint under `path`, either
+    backend (an unreadable newest one falls back to its predecessor with a warning)."""
+    def read(step_dir: Path, kind: str) -> Checkpoint:
+        return Checkpoint(*read_step(step_dir, kind), kind, step_dir)
+
+    return newest_readable(path, read)

@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out names a file, or a folder that cannot be written
+        print(f"error: cannot write the token folder --out {args.out}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
     print(f"wrote {len(corpus.train):,} train and {len(corpus.val):,} val tokens "
           f"({corpus.tokenizer.spec['kind']}, vocab {corpus.tokenizer.vocab_size}) to {out}")
     return 0

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ from tqdm import tqdm
 
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from experiments.dynamics import Dynamics
+from experiments.run_lock import RunLock
+from tnt import checkpoint_io
 from tnt.checkpoint_meta import CheckpointError, config_differences
 from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config, parse_set
 from tnt.data import Batches, BatchSpec, DataError, load_corpus
@@ -38,7 +42,8 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
                "analysis_every": "analysis_every"}
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-             "log_every", "analysis_every", "sample_tokens"}
+             "log_every", "analysis_every", "sample_tokens", "max_loss",
+             "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,27 +119,55 @@ def tokens_per_step(cfg: RunConfig) -> int:
     return t.batch_size * (t.seq_len + (t.encoder_len if cfg.model.has_encoder else 0))
 
 
+class Diverged(RuntimeError):
+    """The loss, gradient norm or parameters went non-finite or past `max_loss`; nothing after
+    the last good checkpoint was saved (the message says which step to resume from)."""
+
+
+def run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
+    out = Path(args.out or f"runs/{args.backend}-{cfg.model.arch}-{cfg.model.norm}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a run directory")
+    return out
+
+
+def saved_run_config(out: Path) -> RunConfig:
+    """The config of a run killed before its first checkpoint, from its `config.json`."""
+    try:
+        return RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{out} holds no committed checkpoint and no readable config.json "
+                              f"to resume from ({e}); start it again without --resume") from e
+
+
 def prepare_run(args: argparse.Namespace):
     """Everything before the first step; raises ConfigError/DataError/CheckpointError early."""
     Backend = backend_class(args.backend)
     sets = dict(parse_set(s) for s in args.set)
     cfg = build_run_config(args.preset, explicit_overrides(args), args.set)
-    out = Path(args.out or f"runs/{args.backend}-{cfg.model.arch}-{cfg.model.norm}-"
-                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    out = run_dir(args, cfg)
     ckpt_dir = out / "checkpoints"
     meta = None
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
-        meta = Backend.read_meta(ckpt_dir)
-        if meta["backend"] != args.backend:
-            raise CheckpointError(f"{ckpt_dir} was written by the {meta['backend']} backend; "
-                                  f"resume it with --backend {meta['backend']}")
-        cfg = resume_config(RunConfig.from_dict(meta["config"]), args)
-        corpus = load_corpus(cfg.train.data, tokenizer_from_spec(meta["tokenizer"]),
-                             cfg.train.val_percent)
+        if not out.is_dir():
+            raise CheckpointError(f"checkpoint path {out.absolute()} does not exist")
+        if ckpt_dir.is_dir() and checkpoint_io.committed(ckpt_dir):
+            meta = checkpoint_io.newest_readable(ckpt_dir, checkpoint_io.read_meta)
+            if meta["backend"] != args.backend:
+                raise CheckpointError(f"{ckpt_dir} was written by the {meta['backend']} backend; "
+                                      f"resume it with --backend {meta['backend']}")
+            cfg = resume_config(RunConfig.from_dict(meta["config"]), args)
+            corpus = load_corpus(cfg.train.data, tokenizer_from_spec(meta["tokenizer"]),
+                                 cfg.train.val_percent)
+        else:  # killed before its first checkpoint committed: start it again from its config
+            cfg = resume_config(saved_run_config(out), args)
+            corpus = load_corpus(cfg.train.data, cfg.train.tokenizer, cfg.train.val_percent,
+                                 cfg.train.bpe_vocab_size)
     else:
-        if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        if ckpt_dir.is_dir() and checkpoint_io.committed(ckpt_dir):
             raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue "
                                   f"it or choose another --out (nothing was changed)")
         corpus = load_corpus(cfg.train.data, cfg.train.tokenizer, cfg.train.val_percent,
@@ -149,35 +182,130 @@ def alpha_means(backend, names: list[str]) -> dict[str, float]:
     return {n: float(np.mean(np.abs(a))) for n, a in arrays.items()}
 
 
+def make_run_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory --out {out}: {e.strerror or e}") from e
+
+
+def remove_stale_temp(ckpt_dir: Path) -> None:
+    """Temp folders of saves interrupted by a kill; only the lock holder may remove them."""
+    for tmp in checkpoint_io.stale_temp_folders(ckpt_dir):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}, the temp folder of an interrupted save", flush=True)
+
+
+def restore_latest(backend, ckpt_dir: Path) -> dict:
+    """Restore the newest checkpoint that restores; newer unreadable steps are moved aside to
+    `checkpoints/corrupt-<step>` (kept for inspection) so that the run can save them again."""
+    meta = checkpoint_io.newest_readable(ckpt_dir, lambda step_dir, _: backend.restore(step_dir))
+    for step_dir, _ in checkpoint_io.committed(ckpt_dir):
+        if int(step_dir.name) > meta["step"]:
+            aside = step_dir.with_name(f"corrupt-{step_dir.name}")
+            os.replace(step_dir, aside)
+            print(f"moved the unreadable checkpoint {step_dir} aside to {aside}", flush=True)
+    return meta
+
+
+def check_finite(done: int, metrics: dict | None, t, backend, last_saved: int | None,
+                 ckpt_dir: Path, params: bool = False, val_loss: float | None = None) -> None:
+    """The divergence guard: raise Diverged when the train loss or gradient norm (or, before a
+    save or the dynamics, any parameter; or the validation loss) is not finite, or the train
+    loss exceeds `max_loss`."""
+    problem = None
+    if metrics is not None:
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            problem = f"train loss {loss}, gradient norm {gnorm}"
+        elif t.max_loss and loss > t.max_loss:
+            problem = f"train loss {loss:.4g} exceeds max_loss={t.max_loss:g}"
+    if problem is None and val_loss is not None and not math.isfinite(val_loss):
+        problem = f"validation loss {val_loss}"
+    if problem is None and params:
+        bad = [n for n, a in backend.arrays(list(param_specs(backend.cfg.model))).items()
+               if not np.isfinite(a).all()]
+        if bad:
+            problem = f"non-finite parameters ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    if problem is None:
+        return
+    if last_saved is None:
+        advice = "no checkpoint was written; start again with a lower --lr"
+    else:
+        advice = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}; continue from it "
+                  f"with --resume and e.g. a lower --lr")
+    raise Diverged(f"training diverged at step {done}: {problem}; nothing non-finite was saved, "
+                   f"{advice}")
+
+
 def train(args: argparse.Namespace) -> float:
-    Backend, cfg, out, ckpt_dir, meta, corpus, batches = prepare_run(args)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if args.out and Path(args.out).is_dir():  # a folder in use: name the holder before anything else
+        lock = RunLock(args.out)
+        lock.acquire()
+    try:
+        Backend, cfg, out, ckpt_dir, meta, corpus, batches = prepare_run(args)
+        make_run_dir(out)
+        if lock is None:
+            lock = RunLock(out)
+            lock.acquire()
+        lock.record()
+        return _train_locked(args, Backend, cfg, out, ckpt_dir, meta, corpus, batches)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(args, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> float:
+    remove_stale_temp(ckpt_dir)
     if meta is None:
-        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
         if isinstance(corpus.tokenizer, BPETokenizer):
             corpus.tokenizer.save(out / "tokenizer.json")
+        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     backend = Backend(cfg)
-    backend.open(ckpt_dir, cfg.train.keep_checkpoints)
+    last_saved = None
     if meta is not None:
-        backend.restore(ckpt_dir)
+        last_saved = restore_latest(backend, ckpt_dir)["step"]
+    backend.open(ckpt_dir, cfg.train.keep_checkpoints)
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"))
+    start = backend.step_count
+    # Events of an earlier attempt after the step we start from are superseded (TensorBoard's
+    # purge step), so every step shows once; one event file per process.
+    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if (out / "tb").is_dir() else None,
+                           filename_suffix=f".{os.getpid()}")
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
+               mininterval=1.0)
+    try:
+        return _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
+                     last_saved)
+    finally:
+        bar.close()
+        backend.wait()  # a save in flight holds finite parameters: let it commit
+        writer.close()
+
+
+def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
+          last_saved) -> float:
     t, spec = cfg.train.resolved(cfg.model.norm), corpus.tokenizer.spec
     alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
     dynamics = Dynamics(cfg.model) if t.analysis_every else None
-    start = backend.step_count
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
     val_loss = float("nan")
-    bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     tick, tick_step = time.perf_counter(), start
     began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
     for step in range(start, t.max_steps):
         metrics = backend.step(batches.train_batch(step))
         began = began or time.perf_counter()
         done = step + 1
-        if done % t.log_every == 0 or done == t.max_steps:
+        last = done == t.max_steps
+        log, evaluate = done % t.log_every == 0 or last, done % t.eval_every == 0 or last
+        analyse = dynamics is not None and (done % t.analysis_every == 0 or last)
+        save = done % t.ckpt_every == 0 or last
+        if log or evaluate or analyse or save:  # the guard reads the device only when due
+            check_finite(done, metrics, t, backend, last_saved, ckpt_dir, params=analyse or save)
+        if log:
             loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
             now = time.perf_counter()
             tps = tokens_per_step(cfg) * (done - tick_step) / (now - tick)
@@ -190,22 +318,24 @@ def train(args: argparse.Namespace) -> float:
             for name, value in alpha_means(backend, alphas).items():
                 writer.add_scalar(f"alpha/{name}", value, done)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-        if done % t.eval_every == 0 or done == t.max_steps:
+        if evaluate:
             val_loss = backend.evaluate(batches.eval_batches(t.eval_batches))
+            check_finite(done, None, t, backend, last_saved, ckpt_dir, val_loss=val_loss)
             writer.add_scalar("val/loss", val_loss, done)
             writer.add_scalar("val/elapsed_sec", time.perf_counter() - began, done)
             bar.write(f"step {done}: val loss {val_loss:.4f}")
-        if dynamics and (done % t.analysis_every == 0 or done == t.max_steps):
+        if analyse:
             dynamics.log(writer, backend, done)
-        if done % t.ckpt_every == 0 or done == t.max_steps:
+        if save:
+            writer.flush()  # everything the checkpoint covers is on disk before it commits
             backend.save(spec)
+            last_saved = done
         bar.update(1)
     bar.close()
     backend.wait()
     if start >= t.max_steps:
         val_loss = backend.evaluate(batches.eval_batches(t.eval_batches))
     writer.add_scalar("val/final_loss", val_loss, t.max_steps)
-    writer.close()
     print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
     print("sample:", repr(sample_text(backend, cfg, corpus)))
     return val_loss
@@ -220,13 +350,21 @@ def sample_text(backend, cfg: RunConfig, corpus) -> str:
     return prompt + " ⟶ " + backend.sample(tok, prompt, n)
 
 
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input (one `error:` line; nothing written is changed),
+    3 training diverged (one `error:` line naming the step to resume from)."""
     args = parse_args(argv)
     try:
         train(args)
     except (ConfigError, DataError, CheckpointError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 

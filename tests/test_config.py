@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from tnt.config import ConfigError, ModelConfig, RunConfig, TrainConfig, build_run_config
@@ -82,3 +84,15 @@ def test_param_table_eigen_lrs_and_axes():
     assert all(s.project_axis is None for s in base.values())
     assert {n for n, s in base.items() if s.weight_decay} == {n for n, s in base.items()
                                                               if s.is_matrix}
+
+
+FLOAT_FIELDS = [(cls, f.name) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)
+                if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("cls, name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_field_refuses_non_finite_values(cls, name, value):
+    assert len(FLOAT_FIELDS) >= 10  # rope_base, base_scale, lr, min_lr, betas, eps, grad_clip, ...
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number, got {value}"):
+        cls(**{name: value})

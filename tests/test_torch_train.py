@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import random_tokens, tiny_config
 
+from tnt import checkpoint_io
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import RunConfig, TrainConfig
 from tnt.tokenizer import ByteTokenizer
@@ -67,7 +68,7 @@ def test_save_restore_continues_exactly(tmp_path, rng):
             backend.step(b)
     pa, pb = to_canonical(a.net), to_canonical(b_.net)
     assert all(np.array_equal(pa[n], pb[n]) for n in pa)
-    assert TorchBackend.read_meta(tmp_path / "ckpt")["step"] == 3
+    assert read_meta(tmp_path / "ckpt")["step"] == 3
 
 
 def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
@@ -82,7 +83,7 @@ def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
         "meta.json", "optimizer.safetensors", "params.safetensors"]
     meta = json.loads((tmp_path / "3" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["tokenizer"] == SPEC
-    params, opt, _ = checkpoint.restore(tmp_path, cfg.model)
+    params, opt, _ = checkpoint.restore(tmp_path / "3", cfg.model)
     assert params["decoder.embed"].dtype == np.float32
     assert opt["decoder.embed.step"].shape == () and float(opt["decoder.embed.step"]) == 3
     backend.save(SPEC)  # saving the same step again replaces it
@@ -113,26 +114,32 @@ def test_checkpoint_refusals_name_the_problem(tmp_path, rng):
     with pytest.raises(CheckpointError, match="another model: d_model: 32 != 48"):
         TorchBackend(other).restore(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        TorchBackend.read_meta(tmp_path / "missing")
+        read_meta(tmp_path / "missing")
     params = tmp_path / "1" / "params.safetensors"
     good = params.read_bytes()
     params.write_bytes(good[:100])
-    with pytest.raises(CheckpointError, match="params.safetensors is corrupt"):
+    with pytest.raises(CheckpointError, match="1 is corrupt or partial"):
         TorchBackend(cfg).restore(tmp_path)
     params.write_bytes(good)
     (tmp_path / "1" / "optimizer.safetensors").unlink()
     with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
-        checkpoint.restore(tmp_path, cfg.model)
+        checkpoint.restore(tmp_path / "1", cfg.model)
     (tmp_path / "1" / "meta.json").write_text("{ corrupt")
     with pytest.raises(CheckpointError, match="metadata"):
-        TorchBackend.read_meta(tmp_path)
+        read_meta(tmp_path)
     jax_run = tmp_path / "jax" / "checkpoints" / "5"
     (jax_run / "meta").mkdir(parents=True)
+    (jax_run / "state").mkdir()
     with pytest.raises(CheckpointError, match="jax backend"):
-        TorchBackend.read_meta(tmp_path / "jax")
+        read_meta(tmp_path / "jax")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no committed checkpoint"):
-        TorchBackend.read_meta(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="holds no committed one"):
+        read_meta(tmp_path / "empty")
+
+
+def read_meta(path) -> dict:
+    """The one reader's view of a torch run's latest checkpoint metadata."""
+    return checkpoint_io.read_meta(*checkpoint_io.find_checkpoint(path, "torch"))
 
 
 def test_bad_token_ids_are_refused_at_the_boundary(rng):

@@ -1,17 +1,30 @@
-"""Read the canonical parameters of a checkpoint written by either backend, without either
-framework: the cross-framework loaders (`tnt_jax.load_checkpoint`, `tnt_torch.load_checkpoint`)
-and the analysis tools stand on this.
+"""The one checkpoint reader: locate a step folder, read its metadata, compare configs, and read
+the canonical parameters of a checkpoint written by either backend, without either framework.
+The frameworks' `checkpoint.py` keep only writing and restoring onto their devices; the
+cross-framework loaders (`tnt_jax.load_checkpoint`, `tnt_torch.load_checkpoint`), pretrain's
+resume and the analysis tools all stand on this module.
 
 Two layouts exist under `RUN_DIR/checkpoints/<step>/`:
-- jax (orbax): `state/` (an OCDBT key-value store of zarr arrays, read here with tensorstore,
-  the library orbax itself writes with) and `meta/metadata` (JSON);
-- torch: `params.safetensors` and `meta.json` (read with safetensors' numpy API).
+- jax (orbax): `state/` (an OCDBT key-value store of zarr arrays) and `meta/metadata` (JSON);
+- torch: `params.safetensors`, `optimizer.safetensors` and `meta.json`.
 Both hold the same canonical names, `[in, out]` layout, float32.
+
+The jax parameters are read here with tensorstore (the library orbax writes with), which needs
+no JAX devices but relies on orbax's on-disk layout (`params.<name>` zarr arrays in the store):
+pyproject.toml pins the orbax versions checked, and `parity_tests/test_checkpoints.py` reads a
+real orbax checkpoint this way, so a layout change fails that test loudly.
+
+Recovery (issue 12): both writers commit a step by renaming a temporary folder (orbax:
+`<step>.orbax-checkpoint-tmp-*`, torch: `.tmp-<step>-<pid>`), so a kill leaves at most a temp
+folder, which is never taken for a checkpoint (`stale_temp_folders` lists them for removal). When
+the newest committed step of a run cannot be read, `read_canonical` falls back to the one before
+it with a `CheckpointFallback` warning naming both.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +36,12 @@ from tnt.special_ids import check_special_ids
 from tnt.tokenizer import tokenizer_from_spec
 
 JAX, TORCH = "jax", "torch"
+META_FILE = {JAX: "meta/metadata", TORCH: "meta.json"}
+TEMP_MARKERS = (".orbax-checkpoint-tmp", ".tmp-", ".old-")  # orbax's and tnt_torch's temp names
+
+
+class CheckpointFallback(UserWarning):
+    """The newest checkpoint of a run is unreadable; an older one was used (message names both)."""
 
 
 def layout(step_dir: Path) -> str | None:
@@ -36,37 +55,74 @@ def layout(step_dir: Path) -> str | None:
     return None
 
 
-def locate(path: str | Path) -> tuple[Path, str] | None:
-    """A run dir, its `checkpoints` folder or a step folder -> (latest step folder, backend), or
-    None when there is no committed checkpoint there. A missing path is an error."""
+def _checkpoints_folder(path: str | Path) -> Path:
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def committed(path: str | Path) -> list[tuple[Path, str]]:
+    """Every committed (step folder, backend) under a run dir or checkpoints folder, newest
+    first; a step folder gives itself. Temp folders and partial steps are not listed."""
+    path = _checkpoints_folder(path)
     kind = layout(path)
     if kind:
-        return path, kind
-    found = sorted((int(p.name), p) for p in path.iterdir() if layout(p)) if path.is_dir() else []
-    return (found[-1][1], layout(found[-1][1])) if found else None
+        return [(path, kind)]
+    if not path.is_dir():
+        return []
+    found = sorted(((int(p.name), p) for p in path.iterdir() if layout(p)), reverse=True)
+    return [(p, layout(p)) for _, p in found]
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """`locate`, raising CheckpointError when nothing is there."""
+def locate(path: str | Path) -> tuple[Path, str] | None:
+    """A run dir, its `checkpoints` folder or a step folder -> (latest step folder, backend), or
+    None when there is no committed checkpoint there. A missing path is an error."""
+    found = committed(path)
+    return found[0] if found else None
+
+
+def find_checkpoint(path: str | Path, backend: str | None = None) -> tuple[Path, str]:
+    """`locate`, raising CheckpointError when nothing is there, or (with `backend`) when the
+    checkpoint was written by the other backend."""
     where = locate(path)
     if where is None:
         raise CheckpointError(f"{Path(path).absolute()} is not a TnT checkpoint and holds no "
                               f"committed one")
+    if backend is not None and where[1] != backend:
+        raise CheckpointError(f"{where[0]} is a checkpoint of the {where[1]} backend; resume it "
+                              f"with --backend {where[1]} (or load it with tnt_{where[1]})")
     return where
 
 
+def stale_temp_folders(path: str | Path) -> list[Path]:
+    """Temp folders of interrupted saves under a checkpoints folder (safe to delete only while no
+    other process writes there: pretrain does it holding the run-folder lock)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return [p for p in path.iterdir() if any(m in p.name for m in TEMP_MARKERS)]
+
+
 def read_meta(step_dir: Path, kind: str) -> dict:
-    file = step_dir / ("meta/metadata" if kind == JAX else "meta.json")
+    """The checkpoint's own JSON metadata, checked (format, version, step = folder name)."""
+    file = step_dir / META_FILE[kind]
     try:
         meta = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint metadata {file}: {e}") from e
-    return check_meta(meta, str(step_dir))
+    meta = check_meta(meta, str(step_dir))
+    if meta["step"] != int(step_dir.name):
+        raise CheckpointError(f"{step_dir} says it is step {meta['step']}, not {step_dir.name}")
+    return meta
+
+
+def check_config(meta: dict, expected: ModelConfig, where: Path) -> None:
+    """Refuse a checkpoint whose model config is not `expected`, naming the fields."""
+    diff = config_differences(RunConfig.from_dict(meta["config"]).model, expected)
+    if diff:
+        raise CheckpointError(f"checkpoint {where} was written for another model: "
+                              + "; ".join(diff))
 
 
 def _read_orbax_params(state_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -87,13 +143,8 @@ def _read_orbax_params(state_dir: Path, names: list[str]) -> dict[str, np.ndarra
     return out
 
 
-def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(canonical float32 params, metadata) of the latest checkpoint under `path`, either backend.
-
-    Raises CheckpointError for a path that is not a checkpoint, a corrupt or partial one, or one
-    whose tensors do not match its own config.
-    """
-    step_dir, kind = find_checkpoint(path)
+def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(canonical float32 params, metadata) of one committed step folder."""
     meta = read_meta(step_dir, kind)
     cfg = RunConfig.from_dict(meta["config"]).model
     try:
@@ -114,6 +165,37 @@ def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {step_dir} does not match its own config: {e}") from e
     return params, meta
+
+
+def newest_readable(path: str | Path, read):
+    """`read(step_dir, kind)` of the newest committed step under `path` that reads; an older one
+    is used with a `CheckpointFallback` warning naming both; the newest's error if none reads.
+    A step folder given as `path` is read as is, without fallback."""
+    found = committed(path)
+    if not found:
+        find_checkpoint(path)  # raises the "holds no committed one" error
+    first_error = None
+    for step_dir, kind in found:
+        try:
+            result = read(step_dir, kind)
+        except CheckpointError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            warnings.warn(f"{found[0][0]} is unreadable ({first_error}); using the previous "
+                          f"checkpoint {step_dir}", CheckpointFallback, stacklevel=2)
+        return result
+    raise first_error
+
+
+def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(canonical float32 params, metadata) of the latest readable checkpoint under `path`,
+    either backend (see `newest_readable` for the fallback).
+
+    Raises CheckpointError for a path that is not a checkpoint, a corrupt or partial one, or one
+    whose tensors do not match its own config.
+    """
+    return newest_readable(path, read_step)
 
 
 def read_for_model(path: str | Path, expect: ModelConfig | None = None):

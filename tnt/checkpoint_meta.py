@@ -9,9 +9,12 @@ that a mismatch is reported by name, before any tensor is read.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 from tnt.config import RunConfig
 
+KILL_ENV = "TNT_TEST_KILL"
 FORMAT = "tnt-checkpoint"
 VERSION = 1
 
@@ -44,3 +47,12 @@ def config_differences(a: object, b: object) -> list[str]:
     db = dataclasses.asdict(b) if dataclasses.is_dataclass(b) else dict(b)
     return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db))
             if da.get(k) != db.get(k)]
+
+
+def kill_point(point: str) -> None:
+    """Test hook, not a feature: with `TNT_TEST_KILL=<point>` in the environment the process
+    SIGKILLs itself here, so the kill-recovery tests (tests/test_kill_recovery.py) can stop a
+    run at an exact instant: `save:<step>` is inside a save (torch: the step's files are in the
+    temp folder, not yet committed; jax: orbax's asynchronous write has begun)."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -19,6 +19,7 @@ NORMS = ("ngpt", "rmsnorm")
 ACTIVATIONS = ("gelu", "silu")
 ROPE_MODES = ("rotate", "ngpt_reference")
 DTYPES = ("float32", "bfloat16")  # the compute dtype; parameters and optimizer state stay float32
+MIN_BPE_VOCAB = 256 + 3  # a BPE vocabulary holds every byte and the pad/bos/eos specials
 REMATS = ("none", "block")  # activation checkpointing: keep every activation, or recompute per block
 
 
@@ -49,6 +50,7 @@ class ModelConfig:
     remat: str = "none"
 
     def __post_init__(self) -> None:
+        _check_finite_floats(self)
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("remat", self.remat, REMATS)
@@ -140,14 +142,23 @@ class TrainConfig:
     log_every: int = 10
     analysis_every: int = 100  # TensorBoard dynamics (experiments/dynamics.py); 0 disables
     sample_tokens: int = 64
+    max_loss: float = 0.0  # divergence guard: stop when the train loss exceeds it; 0 disables
 
     def __post_init__(self) -> None:
+        _check_finite_floats(self)
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
                      "ckpt_every", "keep_checkpoints", "log_every", "bpe_vocab_size"):
             _check_positive(name, getattr(self, name))
         for name in ("enc_len", "decay_steps", "sample_tokens", "analysis_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.bpe_vocab_size < MIN_BPE_VOCAB:
+            raise ConfigError(f"bpe_vocab_size must be at least {MIN_BPE_VOCAB} (the 256 bytes and "
+                              f"3 special tokens), got {self.bpe_vocab_size}")
+        if self.max_loss < 0:
+            raise ConfigError(f"max_loss must be >= 0 (0 disables the ceiling), got {self.max_loss}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.min_lr < 0:
@@ -294,6 +305,15 @@ def _coerce(name: str, value: object, f: dataclasses.Field) -> object:
         return kind(value)
     except ValueError:
         raise ConfigError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _check_finite_floats(config: object) -> None:
+    """Refuse NaN and infinities in every float field: `lr=nan` would pass every `<=` test
+    below and train NaN (issue 12)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -90,6 +90,26 @@ def check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
         raise TokenizerMismatch("the tokenizer does not match the model: " + "; ".join(problems))
 
 
+def check_inference_args(model, tokenizer, input_text, max_length, seed) -> None:
+    """The arguments of both frameworks' `inference`, checked before anything runs, so that a
+    wrong one is named (TypeError/ValueError) instead of failing deep inside the decoder."""
+    if not isinstance(getattr(model, "cfg", None), ModelConfig):
+        raise TypeError(f"model must be a TnT model (tnt_jax.TnT or tnt_torch.TnT, e.g. from "
+                        f"load_checkpoint), got {type(model).__name__}")
+    if not all(hasattr(tokenizer, a) for a in ("encode", "decode", "vocab_size", "pad_id")):
+        raise TypeError(f"tokenizer must be a TnT tokenizer (tnt.tokenizer.ByteTokenizer or "
+                        f"BPETokenizer, e.g. from load_checkpoint), got {type(tokenizer).__name__}")
+    texts = [input_text] if isinstance(input_text, str) else input_text
+    if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"input_text must be a string or a list of strings, got "
+                        f"{type(input_text).__name__}")
+    if len(texts) == 0:
+        raise ValueError("input_text is an empty list; give at least one prompt")
+    for name, value, low in (("max_length", max_length, 1), ("seed", seed, 0)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def check_tokenizer_spec(spec: dict, expected: dict, where: str) -> None:
     """Refuse a tokenizer (by spec) that differs from the one saved in a checkpoint."""
     from tnt.tokenizer import same_tokenizer
@@ -142,6 +162,11 @@ def prepare(cfg: ModelConfig, prompts: list[np.ndarray], max_new_tokens: int,
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if len(prompts) == 0:
         raise ValueError("no prompt given")
+    for i, p in enumerate(prompts):
+        kind = np.asarray(p).dtype.kind if p is not None else "none"
+        if kind not in "iu" and not (kind == "f" and np.size(p) == 0):  # [] reads as float
+            raise TypeError(f"prompt {i} must be a sequence of integer token ids, got "
+                            f"{type(p).__name__} of {kind if kind == 'none' else np.asarray(p).dtype}")
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
     for i, p in enumerate(prompts):
         check_token_ids(p, cfg.vocab_size, f"prompt {i}")

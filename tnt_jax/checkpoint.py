@@ -1,4 +1,5 @@
-"""orbax checkpoints of a JAX run: params, optimizer state, step, plus JSON metadata.
+"""orbax checkpoints of a JAX run: params, optimizer state, step, plus JSON metadata. Writing and
+restoring onto devices only; locating and reading checkpoints is `tnt.checkpoint_io`'s.
 
 Layout: `RUN_DIR/checkpoints/<step>/{state,meta}`. orbax writes each step to a temporary folder
 and renames it on commit, so a crash never leaves a half-written step that looks complete, and
@@ -13,9 +14,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tnt import checkpoint_io
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
-from tnt.config import ModelConfig, RunConfig
+from tnt.checkpoint_meta import CheckpointError, kill_point
+from tnt.config import ModelConfig
 from tnt_jax.model import TnT, load_canonical
 
 
@@ -28,53 +30,27 @@ def open_manager(directory: str | Path, keep: int | None = None) -> ocp.Checkpoi
 def save(manager: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                meta=ocp.args.JsonSave(meta)))
+    kill_point(f"save:{step}")  # orbax is still writing (asynchronously) here
 
 
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """A run dir, its `checkpoints` folder, or one step folder -> (checkpoints folder, step)."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / "meta").is_dir() and path.name.isdigit():
-        return path.parent, int(path.name)
-    steps = sorted(int(p.name) for p in path.iterdir()
-                   if p.name.isdigit() and (p / "meta").is_dir())
-    if not steps:
-        raise CheckpointError(f"{path} holds no committed checkpoint")
-    return path, steps[-1]
-
-
-def read_meta(path: str | Path) -> tuple[Path, int, dict]:
-    directory, step = resolve(path)
-    try:
-        meta = open_manager(directory).restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # orbax raises many types for corrupt folders
-        raise CheckpointError(f"cannot read checkpoint metadata at {directory / str(step)}: {e}") from e
-    return directory, step, check_meta(meta, str(directory / str(step)))
-
-
-def restore(path: str | Path, target: dict, expected: ModelConfig) -> tuple[dict, dict]:
-    """Restore a train state shaped like `target` (arrays or ShapeDtypeStructs, with shardings).
+def restore(step_dir: str | Path, target: dict, expected: ModelConfig) -> tuple[dict, dict]:
+    """Restore the train state of one committed step folder (`tnt.checkpoint_io` locates it),
+    shaped like `target` (arrays or ShapeDtypeStructs, with shardings), through orbax's public
+    restore onto the target's devices.
 
     The stored model config must equal `expected`; differences are listed by field name.
     """
-    directory, step, meta = read_meta(path)
-    stored = RunConfig.from_dict(meta["config"]).model
-    diff = config_differences(stored, expected)
-    if diff:
-        raise CheckpointError(f"checkpoint {directory / str(step)} was written for another model: "
-                              + "; ".join(diff))
+    step_dir = Path(step_dir).absolute()
+    meta = checkpoint_io.read_meta(step_dir, checkpoint_io.JAX)
+    checkpoint_io.check_config(meta, expected, step_dir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-        state = open_manager(directory).restore(step, args=ocp.args.Composite(
+        state = open_manager(step_dir.parent).restore(int(step_dir.name), args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
                 lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)))).state
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {directory / str(step)} is corrupt or does not match "
-                              f"the model: {e}") from e
+    except Exception as e:  # orbax raises many types for corrupt folders
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt or does not match the model: "
+                              f"{e}") from e
     return state, meta
 
 

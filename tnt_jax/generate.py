@@ -26,6 +26,7 @@ from tnt.generation import (
     Batch,
     Generation,
     Sampling,
+    check_inference_args,
     collect,
     prepare,
     run_inference,
@@ -178,8 +179,10 @@ def inference(model: TnT, tokenizer, input_text: str | list[str], max_length: in
     prompt (an empty prompt starts from the start token). `max_length` is the number of new
     tokens, at most `max_len_decoder`. A prompt too long for the model keeps its last tokens and
     a `tnt.generation.PromptTruncated` warning says so. Decoding stops at eos. A tokenizer whose
-    vocabulary or special ids do not fit the model raises `TokenizerMismatch`.
+    vocabulary or special ids do not fit the model raises `TokenizerMismatch`; other bad
+    arguments raise TypeError/ValueError naming them, before anything runs.
     """
+    check_inference_args(model, tokenizer, input_text, max_length, seed)
     return run_inference(partial(generate, model, use_cache=use_cache), model.cfg, tokenizer,
                          input_text, max_length,
                          Sampling(temperature, top_k, top_p, seed))

@@ -325,6 +325,14 @@ class TnT(nnx.Module):
             self.s_z = _param(specs, "s_z", rngs)
 
     def _check(self, tokens, max_len: int, what: str) -> None:
+        """Shape, dtype and id range of a token batch. The id range is checked on concrete
+        arrays only: inside a user's own `jax.jit` the ids are tracers, the check is bypassed
+        and JAX's gather clamps an out-of-range id silently, so validate a batch with
+        `tnt.data.check_token_ids` before a jitted call (pretrain and generate do)."""
+        dtype = getattr(tokens, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(f"{what} must be an integer array of token ids, got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
         if tokens.ndim != 2:
             raise ValueError(f"{what} must have shape [batch, length], got {tokens.shape}")
         if tokens.shape[1] > max_len:

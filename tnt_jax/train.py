@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tnt import checkpoint_io
 from tnt.checkpoint_meta import make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
@@ -124,12 +125,9 @@ class JaxBackend:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    @staticmethod
-    def read_meta(path) -> dict:
-        return checkpoint.read_meta(path)[2]
-
     def restore(self, path) -> dict:
-        state, meta = checkpoint.restore(path, self.state._asdict(), self.cfg.model)
+        step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
+        state, meta = checkpoint.restore(step_dir, self.state._asdict(), self.cfg.model)
         self.state = TrainState(**state)
         return meta
 

@@ -5,7 +5,8 @@ Layout: `RUN_DIR/checkpoints/<step>/{params.safetensors, optimizer.safetensors, 
 reads the same as a JAX export; `optimizer.safetensors` holds Adam's `exp_avg`, `exp_avg_sq` and
 `step` per canonical name. A step is written into a hidden temporary folder and renamed into
 place with `os.replace`, so a crash never leaves a half-written step that looks complete; only
-the last `keep` steps are kept. The metadata is `tnt.checkpoint_meta`'s, shared with JAX.
+the last `keep` steps are kept. The metadata is `tnt.checkpoint_meta`'s, shared with JAX;
+locating and reading checkpoints is `tnt.checkpoint_io`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from tnt import checkpoint_io
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
-from tnt.config import ModelConfig, RunConfig
-from tnt.params import check_canonical
+from tnt.checkpoint_meta import CheckpointError, kill_point
+from tnt.config import ModelConfig
 
 PARAMS_FILE = "params.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -66,6 +67,7 @@ def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     for name in (PARAMS_FILE, OPTIMIZER_FILE, META_FILE):
         _fsync(tmp / name)
+    kill_point(f"save:{int(step)}")
     if final.exists():  # re-saving a step: move the old one aside, then drop it
         old = directory / f".old-{int(step)}-{os.getpid()}"
         os.replace(final, old)
@@ -80,41 +82,6 @@ def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
     return final
 
 
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """A run dir, its `checkpoints` folder, or one step folder -> (checkpoints folder, step)."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if _is_step_dir(path):
-        return path.parent, int(path.name)
-    if path.name.isdigit() and (path / "meta").is_dir():
-        raise CheckpointError(f"{path} is a checkpoint of the jax backend (orbax layout); load it "
-                              f"with tnt_jax or resume it with --backend jax")
-    found = steps(path) if path.is_dir() else []
-    if not found:
-        if path.is_dir() and any(p.name.isdigit() and (p / "meta").is_dir()
-                                 for p in path.iterdir()):
-            raise CheckpointError(f"{path} holds checkpoints of the jax backend (orbax layout); "
-                                  f"resume it with --backend jax")
-        raise CheckpointError(f"{path} holds no committed checkpoint")
-    return path, found[-1]
-
-
-def read_meta(path: str | Path) -> tuple[Path, int, dict]:
-    directory, step = resolve(path)
-    where = directory / str(step)
-    try:
-        meta = json.loads((where / META_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint metadata at {where}: {e}") from e
-    meta = check_meta(meta, str(where))
-    if meta["step"] != step:
-        raise CheckpointError(f"{where} says it is step {meta['step']}, not {step}")
-    return directory, step, meta
-
-
 def _load(file: Path) -> dict[str, np.ndarray]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {file} is missing")
@@ -124,31 +91,16 @@ def _load(file: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"checkpoint file {file} is corrupt: {e}") from e
 
 
-def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The canonical params of a checkpoint (float32 numpy) and its metadata."""
-    directory, step, meta = read_meta(path)
-    params = _load(directory / str(step) / PARAMS_FILE)
-    cfg = RunConfig.from_dict(meta["config"]).model
-    try:
-        check_canonical(params, cfg)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {directory / str(step)} does not match its own "
-                              f"config: {e}") from e
-    return params, meta
-
-
-def restore(path: str | Path, expected: ModelConfig
+def restore(step_dir: str | Path, expected: ModelConfig
             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """(params, optimizer state, meta) of a checkpoint whose model config equals `expected`;
-    differences are listed by field name before any tensor is read."""
-    directory, step, meta = read_meta(path)
-    stored = RunConfig.from_dict(meta["config"]).model
-    diff = config_differences(stored, expected)
-    if diff:
-        raise CheckpointError(f"checkpoint {directory / str(step)} was written for another model: "
-                              + "; ".join(diff))
-    params, meta = read_params(directory / str(step))
-    optimizer = _load(directory / str(step) / OPTIMIZER_FILE)
+    """(params, optimizer state, meta) of one committed step folder (`tnt.checkpoint_io` locates
+    it) whose model config equals `expected`; differences are listed by field name before any
+    tensor is read."""
+    step_dir = Path(step_dir).absolute()
+    meta = checkpoint_io.read_meta(step_dir, checkpoint_io.TORCH)
+    checkpoint_io.check_config(meta, expected, step_dir)
+    params, meta = checkpoint_io.read_step(step_dir, checkpoint_io.TORCH)
+    optimizer = _load(step_dir / OPTIMIZER_FILE)
     return params, optimizer, meta
 
 

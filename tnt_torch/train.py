@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import torch
 
+from tnt import checkpoint_io
 from tnt.checkpoint_meta import make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
@@ -139,12 +140,9 @@ class TorchBackend:
     def wait(self) -> None:
         """Saves are synchronous; nothing to wait for."""
 
-    @staticmethod
-    def read_meta(path) -> dict:
-        return checkpoint.read_meta(path)[2]
-
     def restore(self, path) -> dict:
-        params, opt_state, meta = checkpoint.restore(path, self.cfg.model)
+        step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
+        params, opt_state, meta = checkpoint.restore(step_dir, self.cfg.model)
         load_canonical(self.net, params)
         try:
             self.opt.load_canonical_state(opt_state, meta["step"])

@@ -1,0 +1,153 @@
+"""What goes wrong in a pretrain run is said in one `error:` line (issue 12): bad input exits 2
+and leaves an existing run folder byte for byte; a diverging run exits 3 and never saves a
+non-finite checkpoint; a second run on a folder in use is refused naming the holder; an
+unreadable newest checkpoint falls back to the one before it."""
+
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+
+from experiments import prepare
+from experiments.pretrain import main
+from experiments.run_lock import RunLock
+from tnt.checkpoint_io import CheckpointFallback, committed, read_canonical
+
+BACKENDS = ["jax", "torch"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
+    return str(root)
+
+
+def args(backend, corpus, out, *extra):
+    return ["--backend", backend, "--preset", "cpu-tiny", "--data", corpus, "--out", str(out),
+            "--max-steps", "3", "--eval-every", "3", "--ckpt-every", "3", "--seq-len", "16",
+            "--set", "eval_batches=1", "--set", "log_every=1", "--set", "sample_tokens=2",
+            "--set", "analysis_every=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """One finished 3-step run per backend, which the refusals below must leave untouched."""
+    root = tmp_path_factory.mktemp("runs")
+    for backend in BACKENDS:
+        assert main(args(backend, corpus, root / backend)) == 0
+    return root
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# (extra flags, what the message must contain); `{file}` is an existing plain file.
+BAD_INPUTS = [
+    (["--resume", "--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--resume", "--set", "lr=inf"], "lr must be a finite number, got inf"),
+    (["--resume", "--set", "min_lr=nan"], "min_lr must be a finite number"),
+    (["--resume", "--set", "grad_clip=nan"], "grad_clip must be a finite number"),
+    (["--resume", "--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--resume", "--set", "max_loss=-1"], "max_loss must be >= 0"),
+    (["--resume", "--tokenizer", "bpe", "--set", "bpe_vocab_size=100"],
+     "bpe_vocab_size must be at least 259"),
+    (["--resume", "--set", "d_model=32"], "d_model: 32 != 64"),
+    (["--resume", "--set", "lr=nan"], "lr must be a finite number"),
+    ([], "already holds checkpoints"),
+    (["--resume", "--set", "nope=1"], "unknown config field 'nope'"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra, message", BAD_INPUTS)
+def test_bad_input_is_one_error_line_and_changes_nothing(backend, extra, message, runs, corpus,
+                                                         capsys):
+    before = snapshot(runs / backend)
+    assert main(args(backend, corpus, runs / backend, *extra)) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert snapshot(runs / backend) == before
+
+
+def test_bad_output_paths_are_named(corpus, tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    assert main(args("torch", corpus, file)) == 2
+    assert f"--out {file} is a file" in one_error_line(capsys.readouterr().err)
+    assert main(args("torch", corpus, file / "sub")) == 2
+    assert f"cannot create run directory --out {file / 'sub'}" in one_error_line(
+        capsys.readouterr().err)
+    assert file.read_text() == "not a folder"
+    assert prepare.main(["--data", corpus, "--out", str(file)]) == 2
+    assert "cannot write the token folder --out" in one_error_line(capsys.readouterr().err)
+    assert file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_run_on_a_folder_in_use_is_refused(backend, runs, corpus, capsys):
+    """flock conflicts between two open descriptions even in one process, so holding the lock
+    here is exactly what a live first run does."""
+    before = snapshot(runs / backend)
+    with RunLock(runs / backend):
+        held = snapshot(runs / backend)
+        assert main(args(backend, corpus, runs / backend, "--resume", "--max-steps", "6")) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in line and "in use" in line
+        assert snapshot(runs / backend) == held
+    assert {p: b for p, b in before.items() if p.name != ".lock"} == {
+        p: b for p, b in snapshot(runs / backend).items() if p.name != ".lock"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_divergence_stops_with_the_last_good_checkpoint(backend, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(args(backend, corpus, out, "--norm", "rmsnorm", "--lr", "1e3", "--max-steps", "30",
+                     "--ckpt-every", "1", "--set", "warmup_steps=0", "--set", "keep_checkpoints=2",
+                     "--set", "analysis_every=1"))  # the dynamics' SVDs never see a NaN
+    assert code == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "training diverged at step" in line and "last good checkpoint is step" in line
+    steps = [int(p.name) for p, _ in committed(out)]
+    assert steps and f"last good checkpoint is step {steps[0]} " in line
+    for step_dir, _ in committed(out):
+        params, _ = read_canonical(step_dir)
+        assert all(np.isfinite(a).all() for a in params.values()), step_dir
+
+
+def test_a_loss_above_max_loss_stops_the_run(corpus, tmp_path, capsys):
+    """The ceiling is the shared loop's (one backend suffices)."""
+    assert main(args("torch", corpus, tmp_path / "run", "--set", "max_loss=1")) == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "exceeds max_loss=1" in line and "no checkpoint was written" in line
+    assert not (tmp_path / "run" / "checkpoints").exists() or committed(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(backend, runs, corpus,
+                                                                     tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs / backend, run)
+    assert main(args(backend, corpus, run, "--resume", "--max-steps", "6", "--ckpt-every", "3",
+                     "--set", "eval_every=6")) == 0
+    newest = run / "checkpoints" / "6"
+    for f in newest.rglob("*"):  # truncate every data file of the newest step
+        if f.is_file() and not f.name.startswith("meta"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(CheckpointFallback, match=f"{newest}.*previous checkpoint .*3"):
+        _, meta = read_canonical(run)
+    assert meta["step"] == 3
+    with pytest.warns(CheckpointFallback):
+        assert main(args(backend, corpus, run, "--resume", "--max-steps", "6")) == 0
+    assert "moved the unreadable checkpoint" in capsys.readouterr().out
+    assert (run / "checkpoints" / "corrupt-6").is_dir()
+    assert [p.name for p, _ in committed(run)] == ["6", "3"]
