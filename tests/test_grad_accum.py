@@ -74,15 +74,21 @@ def test_jax_mean_of_microbatch_means_would_differ():
     assert worst > 100 * TOL * scale
 
 
+def clipped_loss(metrics: dict, cfg: RunConfig) -> float:
+    """The step's loss, after checking that clipping acted on the accumulated gradient."""
+    assert float(metrics["grad_norm"]) > cfg.train.grad_clip
+    return float(metrics["loss"])
+
+
 def jax_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
     backend = JaxBackend(cfg)
-    losses = [float(backend.step(b)["loss"]) for b in batches]
+    losses = [clipped_loss(backend.step(b), cfg) for b in batches]
     return {k: np.asarray(v) for k, v in backend.state.params.items()}, losses
 
 
 def torch_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
     backend = TorchBackend(cfg, device="cpu", compile=False)
-    losses = [float(backend.step(b)["loss"]) for b in batches]
+    losses = [clipped_loss(backend.step(b), cfg) for b in batches]
     return {n: p.detach().numpy().copy() for n, p in backend.net.named_parameters()}, losses
 
 
