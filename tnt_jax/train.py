@@ -68,7 +68,9 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_ac
     def body(carry, micro):
         total, count, grads = carry
         (s, c), g = jax.value_and_grad(token_sum, has_aux=True)(params, micro)
-        return (total + s, count + c, jax.tree.map(jnp.add, grads, g)), None
+        carry = (total + s.astype(total.dtype), count + c.astype(count.dtype),
+                 jax.tree.map(jnp.add, grads, g))
+        return carry, None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
