@@ -48,9 +48,6 @@ class Backend(Protocol):
     def wait(self) -> None:
         """Block until every save has reached the disk."""
 
-    @staticmethod
-    def read_meta(path) -> dict: ...
-
     def restore(self, path) -> dict:
         """Load parameters and optimizer state from a checkpoint; returns its metadata."""
 

@@ -7,8 +7,12 @@ backend by name (`tnt_jax.train.JaxBackend`, `tnt_torch.train.TorchBackend`: any
 times the step after compilation and warmup. Every step is waited for by reading the loss.
 
 Reported: median step time, tokens/s, model FLOPs per token (`tnt.flops`), achieved FLOP/s, the
-peak FLOP/s of a large fp32 matmul measured in the same framework and process, their ratio (MFU),
-and peak memory (device memory on a GPU, the process's max RSS on the CPU).
+peak FLOP/s of a large fp32 matmul measured in the same framework and process, MFU, and peak
+memory (device memory on a GPU, the process's max RSS on the CPU). MFU is achieved FLOP/s over the
+datasheet peak of the accelerator in the compute dtype (`tnt.flops.datasheet_peak`) when the run
+is on an accelerator the table knows, else over the measured matmul peak (the CPU); `mfu_peak`
+says which. `--dtype`, `--set remat=block` and `--set grad_accum=N` are config fields like any
+other (`grad_accum` splits the same global batch: tokens per step do not change).
 
 `--compare-norms` builds an nGPT and an RMSNorm backend of the same shape in one process and
 alternates their steps, so machine noise hits both alike; it reports ngpt/rmsnorm step time.
@@ -32,8 +36,8 @@ import numpy as np
 from experiments import bench_generate
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from experiments.pretrain import batch_spec, tokens_per_step
-from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config
-from tnt.flops import flops_per_token
+from tnt.config import DTYPES, PRESETS, ConfigError, RunConfig, build_run_config
+from tnt.flops import datasheet_peak, flops_per_token
 from tnt.tokenizer import FIRST_ID
 
 N_BATCHES = 4  # distinct synthetic batches, cycled
@@ -50,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--norm", choices=["ngpt", "rmsnorm"])
     train.add_argument("--batch-size", type=int)
     train.add_argument("--seq-len", type=int)
+    train.add_argument("--dtype", choices=list(DTYPES),
+                       help="compute dtype (default float32; parameters stay float32)")
     train.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     train.add_argument("--warmup", type=int, default=3,
                        help="untimed steps after the compiling one (default 3)")
@@ -67,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, norm: str | None = None) -> RunConfig:
     overrides = {"arch": args.arch, "norm": norm or args.norm, "batch_size": args.batch_size,
-                 "seq_len": args.seq_len}
+                 "seq_len": args.seq_len, "dtype": args.dtype}
     return build_run_config(args.preset, overrides, args.set)
 
 
@@ -133,7 +139,8 @@ def matmul_peak(backend: str, n: int = 0, repeats: int = 5) -> dict:
     n = n or (8192 if _on_gpu(backend) else 2048)
     seconds, device = {"jax": _jax_matmul_seconds, "torch": _torch_matmul_seconds}[backend](
         n, repeats)
-    return {"matmul_size": n, "matmul_peak_flops_per_s": 2 * n**3 / seconds, "device": device}
+    return {"matmul_size": n, "matmul_peak_flops_per_s": 2 * n**3 / seconds, "device": device,
+            "accelerator": _on_gpu(backend)}
 
 
 def peak_memory_bytes(backend: str) -> int:
@@ -184,12 +191,14 @@ def report(cfg: RunConfig, backend: str, timing: dict, peak: dict, memory: int) 
     n_tokens = tokens_per_step(cfg)
     fpt = flops_per_token(m, t.encoder_len, t.seq_len)
     achieved = fpt * n_tokens / step_time
+    datasheet = datasheet_peak(peak["device"], m.dtype) if peak["accelerator"] else None
     return {
         "backend": backend, "arch": m.arch, "norm": m.norm, "device": peak["device"],
         "config": {"d_model": m.d_model, "n_heads": m.n_heads,
                    "n_encoder_layers": m.n_encoder_layers if m.has_encoder else 0,
                    "n_decoder_layers": m.n_decoder_layers, "mlp_hidden": m.hidden,
                    "vocab_size": m.vocab_size, "activation": m.activation,
+                   "dtype": m.dtype, "remat": m.remat, "grad_accum": t.grad_accum,
                    "batch_size": t.batch_size, "seq_len": t.seq_len,
                    "enc_len": t.encoder_len if m.has_encoder else 0},
         "steps": len(timing["times"]), "compile_s": timing["compile_s"],
@@ -201,7 +210,9 @@ def report(cfg: RunConfig, backend: str, timing: dict, peak: dict, memory: int) 
         "achieved_flops_per_s": achieved,
         "matmul_size": peak["matmul_size"],
         "matmul_peak_flops_per_s": peak["matmul_peak_flops_per_s"],
-        "mfu": achieved / peak["matmul_peak_flops_per_s"],
+        "datasheet_peak_flops_per_s": datasheet,
+        "mfu": achieved / (datasheet or peak["matmul_peak_flops_per_s"]),
+        "mfu_peak": f"datasheet {m.dtype}" if datasheet else "measured fp32 matmul",
     }
 
 
@@ -226,10 +237,12 @@ def bench_train(args: argparse.Namespace) -> dict:
 
 def describe(r: dict) -> str:
     c = r["config"]
+    peak = r["datasheet_peak_flops_per_s"] or r["matmul_peak_flops_per_s"]
     return (f"{r['backend']} {r['arch']} {r['norm']} d{c['d_model']} L{c['n_decoder_layers']} "
-            f"B{c['batch_size']}x{c['seq_len']}: {r['step_time_s'] * 1e3:.1f} ms/step, "
+            f"B{c['batch_size']}x{c['seq_len']} {c['dtype']} remat {c['remat']} grad_accum "
+            f"{c['grad_accum']}: {r['step_time_s'] * 1e3:.1f} ms/step, "
             f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s "
-            f"of {r['matmul_peak_flops_per_s'] / 1e9:.1f} (MFU {r['mfu']:.1%}), peak memory "
+            f"of {peak / 1e9:.1f} ({r['mfu_peak']}; MFU {r['mfu']:.1%}), peak memory "
             f"{r['peak_memory_bytes'] / 2**20:.0f} MiB")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import bench
 from tnt.config import ModelConfig
-from tnt.flops import flops_per_token
+from tnt.flops import datasheet_peak, flops_per_token
 
 TINY = ["--preset", "cpu-tiny", "--steps", "2", "--warmup", "1", "--matmul-size", "256",
         "--set", "vocab_size=40", "--set", "d_model=32", "--seq-len", "16", "--batch-size", "2"]
@@ -30,6 +30,7 @@ def check_report(r: dict, arch: str, norm: str) -> None:
     assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens_per_step"])
     assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"])
     assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["matmul_peak_flops_per_s"])
+    assert r["mfu_peak"] == "measured fp32 matmul" and r["datasheet_peak_flops_per_s"] is None
     c = r["config"]
     enc = c["enc_len"] if arch == "encoder_decoder" else 0
     assert r["tokens_per_step"] == c["batch_size"] * (c["seq_len"] + enc)
@@ -68,3 +69,39 @@ def test_flops_per_token_matches_the_hand_count():
                           vocab_size=320)
     # the encoder and the cross-attention add work: more FLOPs per decoder token
     assert flops_per_token(enc_dec, 256, 256) * 2 > flops_per_token(cfg, 0, 256)
+
+
+def test_bench_dtype_remat_and_grad_accum_flags(capsys):
+    r = run_bench(capsys, "--arch", "decoder_only", "--dtype", "bfloat16", "--set", "remat=block",
+                  "--set", "grad_accum=2")
+    check_report(r, "decoder_only", "ngpt")
+    c = r["config"]
+    assert (c["dtype"], c["remat"], c["grad_accum"], c["batch_size"]) == ("bfloat16", "block", 2, 2)
+    assert r["tokens_per_step"] == 2 * 16  # accumulation splits the same global batch
+
+
+def test_bench_bad_grad_accum_is_an_error(capsys):
+    assert bench.main(["train", *TINY, "--set", "grad_accum=3"]) == 2
+    assert "grad_accum=3" in capsys.readouterr().err
+
+
+def test_mfu_uses_the_datasheet_peak_on_a_known_accelerator():
+    cfg = bench.run_config(bench.parse_args(["train", *TINY, "--dtype", "bfloat16"]))
+    timing = {"compile_s": 1.0, "times": [0.5, 0.25, 0.5]}
+    peak = {"matmul_size": 8192, "matmul_peak_flops_per_s": 600e12, "device": "NVIDIA H200",
+            "accelerator": True}
+    r = bench.report(cfg, "torch", timing, peak, 1 << 30)
+    assert r["datasheet_peak_flops_per_s"] == 989e12 and r["mfu_peak"] == "datasheet bfloat16"
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 989e12)
+    # an accelerator the table does not know falls back to the measured matmul peak
+    r = bench.report(cfg, "torch", timing, {**peak, "device": "Some NPU"}, 1 << 30)
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / 600e12)
+    assert "datasheet" not in bench.describe(r) and "MFU" in bench.describe(r)
+
+
+def test_datasheet_peak_table():
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert datasheet_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12  # the specific name first
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "float32") == 19.5e12
+    assert datasheet_peak("TPU v4", "float32") is None  # no fp32 entry: no datasheet MFU
+    assert datasheet_peak("cpu", "float32") is None

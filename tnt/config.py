@@ -235,19 +235,25 @@ def _from_dict(cls, d: dict, where: str):
 
 # Presets: the CPU default and GPU-sized shapes up to the nGPT paper's 0.5B and 1B models
 # (24 layers x d 1024 x 16 heads; 36 layers x d 1280 x 20 heads, context 4096 in the paper).
+# Each GPU preset's microbatch (batch_size / grad_accum) is the one `python -m experiments.plan`
+# finds to fit its device (README, "Planning a run"): gpu-small one 80 GB GPU, ngpt-0.5b and
+# ngpt-1b one 141 GB H200, in float32 without remat (bf16 and remat leave more room).
 PRESETS: dict[str, dict[str, object]] = {
     "cpu": {},
     "cpu-tiny": {"d_model": 64, "n_heads": 2, "n_encoder_layers": 1, "n_decoder_layers": 1,
                  "max_steps": 50, "batch_size": 8, "seq_len": 32},
     "gpu-small": {"d_model": 768, "n_heads": 12, "n_encoder_layers": 6, "n_decoder_layers": 6,
                   "max_len_encoder": 1024, "max_len_decoder": 1024, "seq_len": 512,
-                  "batch_size": 64, "max_steps": 20000, "eval_every": 500, "ckpt_every": 2000},
+                  "batch_size": 64, "grad_accum": 2, "max_steps": 20000, "eval_every": 500,
+                  "ckpt_every": 2000},
     "ngpt-0.5b": {"arch": "decoder_only", "d_model": 1024, "n_heads": 16, "n_decoder_layers": 24,
                   "max_len_encoder": 4096, "max_len_decoder": 4096, "seq_len": 4096,
-                  "batch_size": 128, "max_steps": 100000, "eval_every": 1000, "ckpt_every": 5000},
+                  "batch_size": 128, "grad_accum": 64, "max_steps": 100000, "eval_every": 1000,
+                  "ckpt_every": 5000},
     "ngpt-1b": {"arch": "decoder_only", "d_model": 1280, "n_heads": 20, "n_decoder_layers": 36,
                 "max_len_encoder": 4096, "max_len_decoder": 4096, "seq_len": 4096,
-                "batch_size": 128, "max_steps": 100000, "eval_every": 1000, "ckpt_every": 5000},
+                "batch_size": 128, "grad_accum": 128, "max_steps": 100000, "eval_every": 1000,
+                "ckpt_every": 5000},
 }
 
 

@@ -45,3 +45,34 @@ def flops_per_token(cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
     decoder-only). decoder_only, d 256, 4 layers, seq 256, vocab 320: about 28.8 MFLOP."""
     n_tokens = dec_len + (enc_len if cfg.has_encoder else 0)
     return flops_per_sequence(cfg, enc_len if cfg.has_encoder else 0, dec_len) / n_tokens
+
+
+# Datasheet peak FLOP/s per device, dense (no structured sparsity), by compute dtype: "bfloat16"
+# is the tensor-core / MXU bf16 peak with fp32 accumulation; "float32" the full-precision fp32
+# peak (NVIDIA: CUDA cores, not TF32). XLA's default fp32 matmul precision on NVIDIA GPUs uses
+# TF32-class passes, so a JAX float32 run can exceed its float32 "peak": compare bf16 runs. Matched
+# against the framework's device name (case-insensitive substring, first match wins, so the
+# specific names come before the general ones). Sources: NVIDIA's H200, H100, A100, L4 and
+# RTX 4090 datasheets; Google Cloud's TPU v4 / v5e / v5p pages.
+DATASHEET_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bfloat16": 989e12, "float32": 67e12}),
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 67e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 19.5e12}),
+    ("L4", {"bfloat16": 121e12, "float32": 30.3e12}),
+    ("RTX 4090", {"bfloat16": 165e12, "float32": 82.6e12}),
+    ("TPU v4", {"bfloat16": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),
+    ("TPU v5e", {"bfloat16": 197e12}),
+    ("TPU v5p", {"bfloat16": 459e12}),
+)
+
+
+def datasheet_peak(device: str, dtype: str) -> float | None:
+    """The datasheet peak FLOP/s of `device` (a framework's device name) in `dtype`, or None
+    when the table does not know the pair."""
+    name = device.lower()
+    for key, peaks in DATASHEET_PEAK_FLOPS:
+        if key.lower() in name:
+            return peaks.get(dtype)
+    return None

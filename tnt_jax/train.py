@@ -1,9 +1,10 @@
 """The jitted train step and the JAX backend of `experiments.pretrain`.
 
 The train state is a plain pytree: the canonical flat parameter dict, the optax state and the
-step. `train_step` (loss, grads, clip, Adam, eigen LRs, schedule, projection) is one compiled
-function of (state, batch); the batch is sharded over a 1-D `data` mesh of all local devices and
-the parameters are replicated (data parallelism through `jax.sharding`).
+step. `train_step` (loss, grads accumulated over `grad_accum` microbatches, clip, Adam, eigen
+LRs, schedule, projection) is one compiled function of (state, batch); the batch is sharded over
+a 1-D `data` mesh of all local devices and the parameters are replicated (data parallelism
+through `jax.sharding`).
 """
 
 from __future__ import annotations
@@ -35,15 +36,66 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-    """One optimizer step as a pure function, compiled once; the old state's buffers are donated."""
+def microbatches(batch: dict, n: int) -> dict:
+    """Split a global batch into `n` microbatches, stacked on a new leading axis: microbatch i is
+    rows i, i+n, i+2n, ... (strided, so each microbatch keeps rows from every device of the data
+    mesh). The same split as `tnt_torch.train.microbatches`."""
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_accum: int):
+    """(loss, label tokens, grads) of the global batch, from `grad_accum` microbatches.
+
+    The loss is the mean over the non-pad labels of the WHOLE batch, so each microbatch
+    contributes its token sum (its mean times its count), not its mean: the sums and their
+    gradients are accumulated in a `lax.scan` (one microbatch's activations live at a time) and
+    divided by the global count at the end, which gives the gradient of one big batch.
+    """
+    def loss_of(p, b):
+        return loss_fn(merge_params(graphdef, p), b)
+
+    if grad_accum == 1:
+        (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(params, batch)
+        return loss, count, grads
+
+    def token_sum(p, b):
+        loss, count = loss_of(p, b)
+        return loss * count, count
+
+    def body(carry, micro):
+        total, count, grads = carry
+        (s, c), g = jax.value_and_grad(token_sum, has_aux=True)(params, micro)
+        carry = (total + s.astype(total.dtype), count + c.astype(count.dtype),
+                 jax.tree.map(jnp.add, grads, g))
+        return carry, None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+    (total, count, grads), _ = jax.lax.scan(body, init, microbatches(batch, grad_accum))
+    scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+    return total * scale, count, jax.tree.map(lambda g: g * scale, grads)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int = 1):
+    """One optimizer step as a pure function, compiled once; the old state's buffers are donated.
+
+    With `grad_accum` > 1 the batch is split into microbatches inside the compiled step
+    (`accumulated_grads`); clipping, the eigen LRs and the projection (all in `tx`) then see the
+    accumulated gradient once per global step.
+    """
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        def loss_of(params):
-            return loss_fn(merge_params(graphdef, params), batch)
-
-        (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        rows = batch["labels"].shape[0]
+        if rows % grad_accum:
+            raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={grad_accum}")
+        loss, count, grads = accumulated_grads(graphdef, state.params, batch, grad_accum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
@@ -73,10 +125,10 @@ class JaxBackend:
     def __init__(self, cfg: RunConfig, mesh: Mesh | None = None) -> None:
         self.cfg = cfg
         self.mesh = mesh or data_mesh()
-        n = self.mesh.devices.size
-        if cfg.train.batch_size % n:
+        n, accum = self.mesh.devices.size, cfg.train.grad_accum
+        if cfg.train.batch_size % (n * accum):
             raise ValueError(f"batch_size={cfg.train.batch_size} is not divisible by the "
-                             f"{n} devices of the data mesh")
+                             f"{n} devices of the data mesh times grad_accum={accum}")
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         model = TnT(cfg.model, nnx.Rngs(params=cfg.train.seed))
@@ -84,7 +136,7 @@ class JaxBackend:
         self.tx = build_optimizer(cfg.model, cfg.train)
         state = TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32))
         self.state = jax.device_put(state, self.replicated)
-        self._train_step = make_train_step(self.graphdef, self.tx)
+        self._train_step = make_train_step(self.graphdef, self.tx, cfg.train.grad_accum)
         self._eval_step = make_eval_step(self.graphdef)
 
     def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -2,8 +2,9 @@
 `tnt_jax/train.py`).
 
 The train state is the model (canonical parameters), the `TnTOptimizer` (Adam moments, eigen
-LRs, schedule position) and its step count. One `step()` is forward, backward and the full TnT
-update (clip, AdamW with eigen LRs, schedule, unit-norm projection).
+LRs, schedule position) and its step count. One `step()` is forward and backward (over
+`grad_accum` microbatches, `accumulate_grads`) and the full TnT update (clip, AdamW with eigen
+LRs, schedule, unit-norm projection).
 """
 
 from __future__ import annotations
@@ -48,6 +49,41 @@ def want_compile(compile: bool | None = None) -> bool:
     return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """Microbatch i is rows i, i+n, i+2n, ... of the global batch (the split of
+    `tnt_jax.train.microbatches`)."""
+    rows = batch["labels"].shape[0]
+    if rows % n:
+        raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={n}")
+    return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
+
+
+def accumulate_grads(net: torch.nn.Module, batch: dict[str, torch.Tensor],
+                     grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the global batch in `grad_accum` microbatches; returns the global
+    (loss, label tokens) and leaves the global batch's gradient in `.grad`.
+
+    The loss is the mean over the non-pad labels of the WHOLE batch, so each microbatch's mean is
+    weighted by its share of the tokens (count_i / count) before its backward: the summed
+    gradients are then those of one big batch (the mirror of `tnt_jax.train.accumulated_grads`).
+    """
+    if grad_accum == 1:
+        loss, count = loss_fn(net, batch)
+        loss.backward()
+        return loss.detach(), count
+    parts = microbatches(batch, grad_accum)
+    pad = net.cfg.pad_id
+    count = (batch["labels"] != pad).sum()
+    total = count.clamp_min(1).to(torch.float32)
+    loss = torch.zeros((), dtype=torch.float32, device=count.device)
+    for micro in parts:
+        part, part_count = loss_fn(net, micro)
+        weighted = part * (part_count / total)
+        weighted.backward()
+        loss += weighted.detach()
+    return loss, count
+
+
 class TorchBackend:
     """What `experiments.pretrain` needs from a framework: init, step, evaluate, save, restore.
 
@@ -82,10 +118,10 @@ class TorchBackend:
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         self.net.train()
         tensors = self._put(batch)
+        accum = self.cfg.train.grad_accum
         if self._unproven:
             try:
-                loss, count = loss_fn(self.net, tensors)
-                loss.backward()
+                loss, count = accumulate_grads(self.net, tensors, accum)
             except ValueError:
                 raise
             except Exception as e:  # inductor/dynamo failures come in many types
@@ -94,15 +130,13 @@ class TorchBackend:
                 self.net.compile_blocks(False)
                 self.compiled = False
                 self.opt.zero_grad(set_to_none=True)
-                loss, count = loss_fn(self.net, tensors)
-                loss.backward()
+                loss, count = accumulate_grads(self.net, tensors, accum)
             self._unproven = False
         else:
-            loss, count = loss_fn(self.net, tensors)
-            loss.backward()
+            loss, count = accumulate_grads(self.net, tensors, accum)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "grad_norm": self.opt.last_grad_norm, "tokens": count}
+        return {"loss": loss, "grad_norm": self.opt.last_grad_norm, "tokens": count}
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:

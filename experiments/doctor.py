@@ -1,0 +1,69 @@
+"""Which devices do the frameworks see? `python -m experiments.doctor [--json]`.
+
+Prints JAX's and torch's versions and devices and warns when one framework sees an accelerator
+and the other does not: the usual cause is an install that brought only one framework's GPU build
+(`pip install -e ".[dev,cuda]"` brings JAX's CUDA plugin; torch's CUDA build comes from the
+PyTorch wheel index, see README "Install"). Then that framework silently trains on the CPU and the
+GPU parity tests skip. Exit code 1 when there is a warning, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def jax_info() -> dict:
+    import jax
+
+    devices = jax.devices()
+    return {"framework": "jax", "version": jax.__version__, "backend": jax.default_backend(),
+            "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
+            "accelerator": any(d.platform != "cpu" for d in devices)}
+
+
+def torch_info() -> dict:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices = [f"cuda:{torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices = ["mps"]
+    return {"framework": "torch", "version": torch.__version__,
+            "cuda": torch.version.cuda, "devices": devices,
+            "accelerator": devices != ["cpu"]}
+
+
+def warnings_for(jax: dict, torch: dict) -> list[str]:
+    """A line for each framework that trains on the CPU while the other has an accelerator."""
+    out = []
+    for seen, blind, fix in ((jax, torch, "install torch's CUDA build (README, Install)"),
+                             (torch, jax, 'pip install -e ".[cuda]" (JAX\'s CUDA plugin)')):
+        if seen["accelerator"] and not blind["accelerator"]:
+            out.append(f"{seen['framework']} sees {', '.join(seen['devices'])} but "
+                       f"{blind['framework']} {blind['version']} sees only the CPU: {fix}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.doctor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    infos = [jax_info(), torch_info()]
+    warnings = warnings_for(*infos)
+    if args.json:
+        print(json.dumps({"frameworks": infos, "warnings": warnings}, indent=1))
+    else:
+        for i in infos:
+            extra = f", CUDA {i['cuda']}" if i.get("cuda") else ""
+            print(f"{i['framework']} {i['version']}{extra}: {', '.join(i['devices'])}")
+        for w in warnings:
+            print(f"warning: {w}")
+    return 1 if warnings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

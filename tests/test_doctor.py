@@ -1,0 +1,38 @@
+"""experiments.doctor on the CPU: both frameworks report, no warning when neither sees an
+accelerator, and a warning naming the blind framework when only one does."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import doctor
+
+
+def test_doctor_on_this_machine(capsys):
+    rc = doctor.main(["--json"])
+    r = json.loads(capsys.readouterr().out)
+    names = [f["framework"] for f in r["frameworks"]]
+    assert names == ["jax", "torch"]
+    assert all(f["version"] and f["devices"] for f in r["frameworks"])
+    same = r["frameworks"][0]["accelerator"] == r["frameworks"][1]["accelerator"]
+    assert (rc, r["warnings"] == []) == ((0, True) if same else (1, False))
+
+
+def test_doctor_warns_when_only_one_framework_sees_a_gpu(monkeypatch, capsys):
+    gpu = {"framework": "jax", "version": "9.9", "backend": "gpu", "devices": ["gpu:NVIDIA H200"],
+           "accelerator": True}
+    cpu = {"framework": "torch", "version": "2.13.0+cpu", "cuda": None, "devices": ["cpu"],
+           "accelerator": False}
+    monkeypatch.setattr(doctor, "jax_info", lambda: gpu)
+    monkeypatch.setattr(doctor, "torch_info", lambda: cpu)
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "jax 9.9: gpu:NVIDIA H200" and out[1] == "torch 2.13.0+cpu: cpu"
+    assert out[2].startswith("warning: jax sees gpu:NVIDIA H200 but torch 2.13.0+cpu sees only")
+    monkeypatch.setattr(doctor, "jax_info", lambda: {**gpu, "devices": ["cpu:cpu"],
+                                                    "accelerator": False})
+    monkeypatch.setattr(doctor, "torch_info", lambda: {**cpu, "devices": ["cuda:NVIDIA H200"],
+                                                      "accelerator": True})
+    assert doctor.main([]) == 1
+    assert "torch sees cuda:NVIDIA H200 but jax 9.9 sees only the CPU" in capsys.readouterr().out
+    assert doctor.warnings_for(cpu, {**cpu, "framework": "jax"}) == []
