@@ -164,12 +164,14 @@ def test_remat_gives_the_same_loss_and_gradients(arch, dtype, rng):
     weights = jmodel.to_canonical(jmodel.TnT(cfg, nnx.Rngs(0)))
     batch = padded_batch(cfg, rng)
     remat = dataclasses.replace(cfg, remat="block")
-    (l0, g0), (l1, g1) = jax_loss_and_grads(cfg, weights, batch), jax_loss_and_grads(remat, weights, batch)
+    l0, g0 = jax_loss_and_grads(cfg, weights, batch)
+    l1, g1 = jax_loss_and_grads(remat, weights, batch)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     top = max(float(jnp.abs(g).max()) for g in g0.values())
     for name in g0:
         np.testing.assert_allclose(g1[name], g0[name], rtol=0, atol=1e-6 * top, err_msg=name)
-    (t0, h0), (t1, h1) = torch_loss_and_grads(cfg, weights, batch), torch_loss_and_grads(remat, weights, batch)
+    t0, h0 = torch_loss_and_grads(cfg, weights, batch)
+    t1, h1 = torch_loss_and_grads(remat, weights, batch)
     assert torch.equal(t0, t1)
     for name in h0:
         np.testing.assert_array_equal(h1[name], h0[name], err_msg=name)
@@ -199,7 +201,7 @@ def test_jax_attention_kernels_match_the_einsum_path(implementation, rng):
     rng.bit_generator.state = rng_state
     other = out_and_grads(implementation)
     assert np.all(np.asarray(other[0][1]) == 0.0)  # the row with no visible key: exactly 0
-    for a, b in zip(reference, other):
+    for a, b in zip(reference, other, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
 
 
@@ -237,5 +239,5 @@ def test_torch_sdpa_attention_matches_the_softmax_formula(rng):
     grads = torch.autograd.grad(y, (q, k, v), g)
     expected_grads = torch.autograd.grad(expected, (q, k, v), g)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
-    for a, b in zip(grads, expected_grads):
+    for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
