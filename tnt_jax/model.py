@@ -61,8 +61,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
 def project(x_BxLxD: jax.Array, w_DxF: jax.Array, dtype) -> jax.Array:
     """`x @ w` in the compute dtype `dtype` (both operands cast here, at the module boundary; the
     float32 parameter keeps its gradient in float32). The tokens are flattened to `[B*L, D]`
-    first: XLA:CPU computes the weight gradient of a 2-D matmul ~2.4x faster than with the batch
-    axes kept (docs/design.md, "Compute dtype"; same values)."""
+    first: the same values, and XLA:CPU computes the weight gradient of a 2-D matmul ~2.4x faster
+    than with the batch axes kept (docs/design.md, "Compute dtype")."""
     y = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(dtype) @ w_DxF.astype(dtype)
     return y.reshape(*x_BxLxD.shape[:-1], w_DxF.shape[-1])
 
