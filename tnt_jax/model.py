@@ -24,8 +24,9 @@ from tnt.rope import reference_swap_table, rotate_half_tables
 
 
 def l2norm(x: jax.Array, axis: int = -1) -> jax.Array:
-    """`x / max(||x||, 1e-12)` along `axis` (torch's F.normalize, so both sides agree)."""
-    return _l2norm(x, axis)
+    """`x / max(||x||, 1e-12)` along `axis` (torch's F.normalize, so both sides agree), computed
+    and returned in float32 whatever the compute dtype (docs/design.md, "Compute dtype")."""
+    return _l2norm(x.astype(jnp.float32), axis)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -56,6 +57,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)).astype(x.dtype)
+
+
+def project(x_BxLxD: jax.Array, w_DxF: jax.Array, dtype) -> jax.Array:
+    """`x @ w` in the compute dtype `dtype` (both operands cast here, at the module boundary; the
+    float32 parameter keeps its gradient in float32). The tokens are flattened to `[B*L, D]`
+    first: the same values, and XLA:CPU computes the weight gradient of a 2-D matmul ~2.4x faster
+    than with the batch axes kept (docs/design.md, "Compute dtype")."""
+    y = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(dtype) @ w_DxF.astype(dtype)
+    return y.reshape(*x_BxLxD.shape[:-1], w_DxF.shape[-1])
 
 
 class RoPE:
@@ -135,21 +145,65 @@ split_halves.defvjp(lambda x: (split_halves(x), None),
                     lambda _, cotangents: (jnp.concatenate(cotangents, axis=-1),))
 
 
-def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS, scale: float) -> jax.Array:
-    """Softmax attention; a query row whose keys are all masked outputs exactly 0 (docs/design.md).
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
-    Cheaper on the [B, H, L, S] scores than the textbook order, same math: the scale multiplies
-    q (L*dh numbers, not L*S), and the softmax's division is applied to the output
-    (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh divisions, not L*S). Masked scores are set
-    to the float minimum, so a fully masked row is a uniform softmax, zeroed on the output.
+
+def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS, scale: float,
+           implementation: str = "auto") -> jax.Array:
+    """Softmax attention in v's dtype (the compute dtype) with float32 softmax statistics; a query
+    row whose keys are all masked outputs exactly 0 (docs/design.md, "Masks").
+
+    `implementation`: "einsum" (scores materialized, fastest on the CPU), "xla" or "cudnn"
+    (`jax.nn.dot_product_attention`; cuDNN's flash attention never holds the `[B, H, L, S]`
+    scores), or "auto": einsum on the CPU, cuDNN on a GPU for bf16/fp16 heads it supports, XLA
+    otherwise (docs/design.md, "Attention kernels").
     """
-    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK * scale, k_BxSxHxK)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    dtype = v_BxSxHxK.dtype
+    q, k = (q_BxLxHxK * scale).astype(dtype), k_BxSxHxK.astype(dtype)
+    if implementation == "auto":
+        y = _attend_auto(q, k, v_BxSxHxK, mask_BxLxS)
+    elif implementation == "einsum":
+        y = _attend_einsum(q, k, v_BxSxHxK, mask_BxLxS)
+    else:
+        y = jax.nn.dot_product_attention(q, k, v_BxSxHxK, mask=mask_BxLxS[:, None], scale=1.0,
+                                         implementation=implementation)
+    has_key_BxLx1x1 = jnp.any(mask_BxLxS, axis=-1)[:, :, None, None]
+    return jnp.where(has_key_BxLx1x1, y, jnp.zeros((), dtype))
+
+
+def _attend_auto(q, k, v, mask_BxLxS) -> jax.Array:
+    """The einsum path where only the CPU exists; on a machine with a GPU, the kernel is chosen
+    per platform at lowering (`lax.platform_dependent`), so CPU computations stay on einsum."""
+    if jax.default_backend() == "cpu":
+        return _attend_einsum(q, k, v, mask_BxLxS)
+    head_dim = q.shape[-1]
+    fused = ("cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+             and head_dim <= 128 else "xla")
+    return jax.lax.platform_dependent(
+        q, k, v, mask_BxLxS, cpu=_attend_einsum,
+        cuda=lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3][:, None], scale=1.0,
+                                                     implementation=fused),
+        default=lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3][:, None], scale=1.0,
+                                                        implementation="xla"))
+
+
+def _attend_einsum(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS) -> jax.Array:
+    """Cheaper on the [B, H, L, S] scores than the textbook order, same math: the scale has
+    multiplied q (L*dh numbers, not L*S), and the softmax's division is applied to the output
+    (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh divisions, not L*S). Scores and softmax
+    statistics are float32. Masked scores are set to the float minimum, so a fully masked row is
+    a uniform softmax, zeroed by `attend`."""
+    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
+                        preferred_element_type=jnp.float32)
     scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(scores.dtype).min)
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total_BxLxHx1 = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)[..., None]
-    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", weights, v_BxSxHxK) / total_BxLxHx1
-    has_key_BxLx1x1 = jnp.any(mask_BxLxS, axis=-1)[:, :, None, None]
-    return jnp.where(has_key_BxLx1x1, y_BxLxHxK, 0.0)
+    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", weights.astype(v_BxSxHxK.dtype), v_BxSxHxK,
+                           preferred_element_type=jnp.float32) / total_BxLxHx1
+    return y_BxLxHxK.astype(v_BxSxHxK.dtype)
 
 
 def _param(specs: dict[str, ParamSpec], name: str, rngs: nnx.Rngs) -> nnx.Param:
@@ -168,7 +222,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs, rope: bool):
         self.n_heads, self.head_dim, self.rope = cfg.n_heads, cfg.head_dim, rope
-        self.ngpt = cfg.norm == "ngpt"
+        self.ngpt, self.dtype = cfg.norm == "ngpt", jnp.dtype(cfg.dtype)
         for w in ("wq", "wk", "wv", "wo"):
             setattr(self, w, _param(specs, f"{prefix}.{w}", rngs))
         if self.ngpt:
@@ -189,15 +243,15 @@ class Attention(nnx.Module):
 
     def keys_values(self, kv_BxSxD, rope: RoPE | None = None, positions_BxS=None) -> KVCache:
         """Keys and values of `kv` as attention uses them (what a cache stores)."""
-        k = self._qk(self._heads(kv_BxSxD @ self.wk[...]), rope, positions_BxS)
-        return KVCache(k, self._heads(kv_BxSxD @ self.wv[...]))
+        k = self._qk(self._heads(project(kv_BxSxD, self.wk[...], self.dtype)), rope, positions_BxS)
+        return KVCache(k, self._heads(project(kv_BxSxD, self.wv[...], self.dtype)))
 
     def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, rope: RoPE | None = None,
                  positions_BxL=None, cache: KVCache | None = None):
         """Returns (output [B, L, D], cache). With a cache, the keys of `kv` (if given) are
         written at `positions` first and the queries attend to the whole cache."""
         B, L, D = x_BxLxD.shape
-        q = self._qk(self._heads(x_BxLxD @ self.wq[...]), rope, positions_BxL)
+        q = self._qk(self._heads(project(x_BxLxD, self.wq[...], self.dtype)), rope, positions_BxL)
         if kv_BxSxD is not None:
             k, v = self.keys_values(kv_BxSxD, rope, positions_BxL)
             if cache is not None:
@@ -206,7 +260,7 @@ class Attention(nnx.Module):
             k, v = cache
         scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
         y = attend(q, k, v, mask_BxLxS, scale)
-        return y.reshape(B, L, D) @ self.wo[...], cache
+        return project(y.reshape(B, L, D), self.wo[...], self.dtype), cache
 
 
 class MLP(nnx.Module):
@@ -214,7 +268,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs):
         self.ngpt, self.d_model = cfg.norm == "ngpt", cfg.d_model
-        self.activation = cfg.activation
+        self.activation, self.dtype = cfg.activation, jnp.dtype(cfg.dtype)
         self.w_in = _param(specs, f"{prefix}.w_in", rngs)
         self.w_out = _param(specs, f"{prefix}.w_out", rngs)
         if self.ngpt:
@@ -225,9 +279,9 @@ class MLP(nnx.Module):
         w_in = self.w_in[...]
         if self.ngpt:  # (x @ w) * s == x @ (w * s) for a per-column s: scale d*2F, not B*L*2F
             w_in = w_in * (self.s_uv[...] * math.sqrt(self.d_model))[None, :]
-        u, v = split_halves(x_BxLxD @ w_in)
+        u, v = split_halves(project(x_BxLxD, w_in, self.dtype))
         act = gelu(v) if self.activation == "gelu" else jax.nn.silu(v)
-        return (u * act) @ self.w_out[...]
+        return project(u * act, self.w_out[...], self.dtype)
 
 
 class Scale(nnx.Module):
@@ -293,6 +347,7 @@ class Stack(nnx.Module):
         self.layers = nnx.List([Block(cfg, specs, f"{name}.layers.{i}", rngs, cross)
                                 for i in range(n_layers)])
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", rngs)
+        self.remat = cfg.remat == "block"
 
     def __call__(self, tokens_BxL, self_mask, rope: RoPE, enc=None, cross_mask=None,
                  positions=None, cache=None):
@@ -301,13 +356,20 @@ class Stack(nnx.Module):
         h = jnp.take(self.embed[...], tokens_BxL, axis=0)
         if self.final_norm is None:  # ngpt: the blocks take unit vectors (docs/design.md's norm(h))
             h = l2norm(h)
+        call = nnx.remat(_call_block) if self.remat and cache is None else _call_block
         new_cache = []
         for i, layer in enumerate(self.layers):
-            h, layer_cache = layer(h, self_mask, rope, enc, cross_mask, positions,
-                                   None if cache is None else cache[i])
+            h, layer_cache = call(layer, h, self_mask, rope, enc, cross_mask, positions,
+                                  None if cache is None else cache[i])
             new_cache.append(layer_cache)
         h = h if self.final_norm is None else self.final_norm(h)
         return h, (None if cache is None else tuple(new_cache))
+
+
+def _call_block(block: Block, *args) -> jax.Array:
+    """`block(*args)`, as a function of the block for `nnx.remat` (`remat="block"`: the backward
+    pass recomputes each block's activations from its input instead of keeping them)."""
+    return block(*args)
 
 
 class TnT(nnx.Module):
@@ -362,7 +424,7 @@ class TnT(nnx.Module):
         return self._logits(h)
 
     def _logits(self, h_BxLxD: jax.Array) -> jax.Array:
-        logits = (h_BxLxD @ self.lm_head[...]).astype(jnp.float32)
+        logits = project(h_BxLxD, self.lm_head[...], jnp.dtype(self.cfg.dtype)).astype(jnp.float32)
         if self.cfg.norm == "ngpt":
             logits = logits * self.s_z[...].reshape(1, 1, -1)
         return logits

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
@@ -45,8 +46,16 @@ class _L2Norm(torch.autograd.Function):
 
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """`x / max(||x||, 1e-12)` along `dim`, F.normalize's definition (tnt_jax.model.l2norm is the
-    same); equal to it up to float rounding, and several times faster forward and backward."""
-    return _L2Norm.apply(x, dim)
+    same); equal to it up to float rounding, and several times faster forward and backward.
+    Computed and returned in float32 whatever the compute dtype (docs/design.md, "Compute
+    dtype")."""
+    return _L2Norm.apply(x.float(), dim)
+
+
+def project(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x @ w` in the compute dtype (both operands cast here, as tnt_jax.model.project does; the
+    float32 parameter keeps its gradient in float32)."""
+    return x.to(dtype) @ w.to(dtype)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -145,6 +154,10 @@ class Mask:
 
 
 def attend(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask: Mask, scale: float) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` in v's dtype (the compute dtype; q and k, normalized in
+    float32, are cast to it here): flash / memory-efficient kernels where they apply, softmax
+    statistics in float32 inside the kernel, no `[B, H, L, S]` scores kept for the backward."""
+    q_BxHxLxK, k_BxHxSxK = q_BxHxLxK.to(v_BxHxSxK.dtype), k_BxHxSxK.to(v_BxHxSxK.dtype)
     if mask.keep is None:
         y = F.scaled_dot_product_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK,
                                            is_causal=mask.causal, scale=scale)
@@ -176,7 +189,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, rope: bool):
         super().__init__()
         self.n_heads, self.head_dim, self.rope = cfg.n_heads, cfg.head_dim, rope
-        self.ngpt = cfg.norm == "ngpt"
+        self.ngpt, self.dtype = cfg.norm == "ngpt", getattr(torch, cfg.dtype)
         for w in ("wq", "wk", "wv", "wo"):
             setattr(self, w, _init(specs[f"{prefix}.{w}"], gen))
         if self.ngpt:
@@ -195,7 +208,7 @@ class Attention(nn.Module):
     def keys_values(self, kv_BxSxD: torch.Tensor) -> KVCache:
         """Cross-attention keys and values of `kv` as attention uses them, for a cache."""
         B, S, _ = kv_BxSxD.shape
-        kv = (kv_BxSxD @ torch.cat([self.wk, self.wv], 1)).view(B, S, 2, self.n_heads, -1)
+        kv = project(kv_BxSxD, torch.cat([self.wk, self.wv], 1), self.dtype).view(B, S, 2, self.n_heads, -1)
         k, v = self._qk(kv[:, :, :1], None, None)[:, :, 0], kv[:, :, 1]
         return KVCache(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), S)
 
@@ -208,14 +221,15 @@ class Attention(nn.Module):
         if kv_BxSxD is x_BxLxD:
             w_qkv = _derived(self, "w_qkv", lambda: torch.cat([self.wq, self.wk, self.wv], 1),
                              self.wq, self.wk, self.wv)
-            qkv = (x_BxLxD @ w_qkv).view(B, L, 3, H, K)
+            qkv = project(x_BxLxD, w_qkv, self.dtype).view(B, L, 3, H, K)
             qk = self._qk(qkv[:, :, :2], rope, positions_BxL)
             q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
         else:
-            q = self._qk((x_BxLxD @ self.wq).view(B, L, 1, H, K), rope, positions_BxL)[:, :, 0]
+            q = self._qk(project(x_BxLxD, self.wq, self.dtype).view(B, L, 1, H, K), rope,
+                         positions_BxL)[:, :, 0]
             if kv_BxSxD is not None:
                 S = kv_BxSxD.shape[1]
-                kv = (kv_BxSxD @ torch.cat([self.wk, self.wv], 1)).view(B, S, 2, H, K)
+                kv = project(kv_BxSxD, torch.cat([self.wk, self.wv], 1), self.dtype).view(B, S, 2, H, K)
                 k, v = self._qk(kv[:, :, :1], rope, positions_BxL)[:, :, 0], kv[:, :, 1]
         if cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -224,7 +238,7 @@ class Attention(nn.Module):
         else:
             k, v = cache.k, cache.v
         y = attend(q.transpose(1, 2), k, v, mask, self.scale)
-        return y.transpose(1, 2).reshape(B, L, D) @ self.wo, cache
+        return project(y.transpose(1, 2).reshape(B, L, D), self.wo, self.dtype), cache
 
 
 class MLP(nn.Module):
@@ -234,7 +248,7 @@ class MLP(nn.Module):
         super().__init__()
         self.ngpt, self.hidden = cfg.norm == "ngpt", cfg.hidden
         self.sqrt_d = math.sqrt(cfg.d_model)
-        self.activation = cfg.activation
+        self.activation, self.dtype = cfg.activation, getattr(torch, cfg.dtype)
         self.w_in = _init(specs[f"{prefix}.w_in"], gen)
         self.w_out = _init(specs[f"{prefix}.w_out"], gen)
         if self.ngpt:
@@ -246,9 +260,9 @@ class MLP(nn.Module):
         # product instead of a [B, L, 2F] one (equal up to rounding).
         w_in = (_derived(self, "w_in", lambda: self.w_in * (self.s_uv * self.sqrt_d), self.w_in,
                          self.s_uv) if self.ngpt else self.w_in)
-        u, v = (x_BxLxD @ w_in).split(self.hidden, dim=-1)
+        u, v = project(x_BxLxD, w_in, self.dtype).split(self.hidden, dim=-1)
         act = F.gelu(v, approximate="none") if self.activation == "gelu" else F.silu(v)
-        return (u * act) @ self.w_out
+        return project(u * act, self.w_out, self.dtype)
 
 
 class Scale(nn.Module):
@@ -306,6 +320,7 @@ class Stack(nn.Module):
                                      for i in range(n_layers)])
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", gen)
         self.compiled = False  # see TnT.compile_blocks
+        self.remat = cfg.remat == "block"
 
     def forward(self, tokens_BxL, self_mask: Mask, rope: RoPE, enc=None, cross_mask=None,
                 positions=None, cache=None):
@@ -315,10 +330,14 @@ class Stack(nn.Module):
         if self.final_norm is None:  # ngpt: norm(h) once; every block's output is unit-norm
             h = l2norm(h)
         compiled = self.compiled and torch.is_grad_enabled()
+        remat = self.remat and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h, _ = (layer if compiled else layer.forward)(h, self_mask, rope, enc, cross_mask,
-                                                          positions,
-                                                          None if cache is None else cache[i])
+            call = layer if compiled else layer.forward
+            args = (h, self_mask, rope, enc, cross_mask, positions, None if cache is None else cache[i])
+            if remat:  # remat="block": the backward recomputes the block from its input
+                h, _ = checkpoint(call, *args, use_reentrant=False)
+            else:
+                h, _ = call(*args)
         return (h if self.final_norm is None else self.final_norm(h)), cache
 
 
@@ -341,6 +360,7 @@ class TnT(nn.Module):
         self.lm_head = _init(specs["lm_head"], gen)
         if cfg.norm == "ngpt":
             self.s_z = _init(specs["s_z"], gen)
+        self.dtype = getattr(torch, cfg.dtype)
         self._rope_cache: dict[tuple, RoPE] = {}
 
     def compile_blocks(self, enable: bool = True) -> TnT:
@@ -416,8 +436,8 @@ class TnT(nn.Module):
     def _logits(self, h_BxLxD: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "ngpt":  # s_z * (h @ lm_head), as h @ (lm_head * s_z): [d, V] not [B, L, V]
             head = _derived(self, "head", lambda: self.lm_head * self.s_z, self.lm_head, self.s_z)
-            return (h_BxLxD @ head).float()
-        return (h_BxLxD @ self.lm_head).float()
+            return project(h_BxLxD, head, self.dtype).float()
+        return project(h_BxLxD, self.lm_head, self.dtype).float()
 
     def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
         """Preallocated self-attention caches of `length` positions for `batch` rows; for
