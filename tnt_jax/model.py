@@ -68,6 +68,7 @@ def project(x_BxLxD: jax.Array, w_DxF: jax.Array, dtype) -> jax.Array:
     return y.reshape(*x_BxLxD.shape[:-1], w_DxF.shape[-1])
 
 
+@jax.tree_util.register_pytree_node_class
 class RoPE:
     """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
 
@@ -85,6 +86,17 @@ class RoPE:
         else:
             tables = rotate_half_tables(length, cfg.head_dim, cfg.rope_base)
         self.tables = tuple(jnp.asarray(t) for t in tables)
+
+    def tree_flatten(self):
+        """A pytree (tables as leaves, the mode as static data), so that transforms such as
+        `nnx.remat` can take it as an argument."""
+        return self.tables, self.reference
+
+    @classmethod
+    def tree_unflatten(cls, reference: bool, tables) -> RoPE:
+        rope = object.__new__(cls)
+        rope.reference, rope.tables = reference, tuple(tables)
+        return rope
 
     def apply(self, x_BxLxHxK: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
         """`x` transformed at `positions` (each row its own, e.g. while decoding), or at
