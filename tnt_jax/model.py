@@ -51,6 +51,24 @@ def _l2norm_bwd(axis: int, residuals, g: jax.Array) -> tuple[jax.Array]:
 _l2norm.defvjp(_l2norm_fwd, _l2norm_bwd)
 
 
+@jax.custom_vjp
+def unit_norm(h: jax.Array) -> jax.Array:
+    """docs/design.md's `norm(h)` of a vector already on the unit sphere (the residual stream:
+    embedding rows after the projection, every block's output): the value is `h` as is, the
+    gradient is `l2norm`'s, `g - h <h, g>` (its `/ ||h||` is 1 there). Computing `h / ||h||`
+    would change the value only by float round-off; the graph is what matters: without this op
+    the radial part of the cotangent would reach `h`, and the gradients would not be the
+    reference's. The caller guarantees the unit norm (a non-unit `h` passes through unscaled)."""
+    return h
+
+
+def _unit_norm_bwd(h: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (g - h * jnp.sum(g * h, axis=-1, keepdims=True),)
+
+
+unit_norm.defvjp(lambda h: (h, h), _unit_norm_bwd)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
@@ -195,9 +213,9 @@ class Block(nnx.Module):
     update of the norm: nGPT's normalized interpolation `norm(h + |alpha| (norm(f) - h))`, or the
     pre-norm `h + f(rmsnorm(h))`.
 
-    With ngpt the input `h` must be unit-norm (`Stack` normalizes the embedding; every update
-    ends in a norm), so docs/design.md's inner `norm(h)` is the identity up to float32 round-off and
-    is not recomputed. Its gradient is the identity on the tangent vectors it receives too.
+    With ngpt the input `h` is unit-norm (an embedding row, or the previous update's output), so
+    docs/design.md's inner `norm(h)` is `unit_norm(h)`: no arithmetic forward, the normalization's
+    gradient backward. The sublayer reads `h` itself, as in the design and the nGPT reference.
     """
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs, cross: bool):
@@ -219,7 +237,8 @@ class Block(nnx.Module):
     def _residual(self, h, name: str, fn) -> jax.Array:
         if self.ngpt:
             alpha = jnp.abs(getattr(self, name).alpha[...])
-            return l2norm(h + alpha * (l2norm(fn(h)) - h))
+            h_unit = unit_norm(h)
+            return l2norm(h_unit + alpha * (l2norm(fn(h)) - h_unit))
         return h + fn(getattr(self, f"{name}_norm")(h))
 
 
@@ -234,9 +253,7 @@ class Stack(nnx.Module):
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", rngs)
 
     def __call__(self, tokens_BxL, self_mask, rope, enc=None, cross_mask=None) -> jax.Array:
-        h = jnp.take(self.embed[...], tokens_BxL, axis=0)
-        if self.final_norm is None:  # ngpt: the blocks take unit vectors (docs/design.md's norm(h))
-            h = l2norm(h)
+        h = jnp.take(self.embed[...], tokens_BxL, axis=0)  # ngpt: unit rows, fed as they are
         for layer in self.layers:
             h = layer(h, self_mask, rope, enc, cross_mask)
         return h if self.final_norm is None else self.final_norm(h)
@@ -290,7 +307,8 @@ class TnT(nnx.Module):
             cross_mask = jnp.broadcast_to((enc_tokens_BxS != self.cfg.pad_id)[:, None, :],
                                           (dec_tokens_BxL.shape[0], L, enc_tokens_BxS.shape[1]))
         h = self.decoder(dec_tokens_BxL, self_mask, self.rope(L), enc_BxSxD, cross_mask)
-        logits = (h @ self.lm_head[...]).astype(jnp.float32)
+        logits = h @ self.lm_head[...]
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 stays
         if self.cfg.norm == "ngpt":
             logits = logits * self.s_z[...]
         return logits

@@ -19,13 +19,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tnt.checkpoint_meta import make_meta
+from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
 from tnt_jax import checkpoint
 from tnt_jax.generate import greedy
 from tnt_jax.model import TnT, loss_fn, merge_params, split_params
-from tnt_jax.optim import build_optimizer
+from tnt_jax.optim import build_optimizer, convert_adam_moments
 
 
 class TrainState(NamedTuple):
@@ -130,6 +130,8 @@ class JaxBackend:
 
     def restore(self, path) -> dict:
         state, meta = checkpoint.restore(path, self.state._asdict(), self.cfg.model)
+        state["opt_state"] = convert_adam_moments(state["opt_state"],
+                                                  adam_moment_factors(meta, self.cfg.model))
         self.state = TrainState(**state)
         return meta
 
