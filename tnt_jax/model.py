@@ -210,7 +210,7 @@ class Scale(nnx.Module):
 
 class Block(nnx.Module):
     """Self-attention, optional cross-attention, MLP, each joined to the stream by the residual
-    update of the norm: nGPT's normalized interpolation `norm(h + |alpha| (norm(f) - h))`, or the
+    update of the norm: nGPT's `norm(norm(h) + |alpha| (norm(f) - norm(h)))`, or the
     pre-norm `h + f(rmsnorm(h))`.
 
     With ngpt the input `h` is unit-norm (an embedding row, or the previous update's output), so
