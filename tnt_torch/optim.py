@@ -6,8 +6,8 @@
 `TnTOptimizer` is a `torch.optim.AdamW` whose parameter groups carry the eigen learning rates of
 `tnt.params.param_specs` (group lr = schedule(step) * eigen_lr; decoupled decay only on the specs
 with `weight_decay`), and whose `step()` also multiplies each group's gradients by its eigen_lr
-and clips them, sets the shared schedule
-(`tnt.schedule.learning_rate`) and projects the ngpt matrices back onto the unit sphere. Anyone
+and clips them, sets the shared schedule (`tnt.schedule.learning_rate`) and projects the ngpt
+matrices back onto the unit sphere. Anyone
 writing their own loop calls `loss.backward(); opt.step(); opt.zero_grad()` and cannot forget a
 piece (the mirror of the optax chain in `tnt_jax/optim.py`).
 
