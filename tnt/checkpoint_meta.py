@@ -12,11 +12,15 @@ import dataclasses
 import os
 import signal
 
-from tnt.config import RunConfig
+from tnt.config import ModelConfig, RunConfig
+from tnt.params import param_specs
 
 KILL_ENV = "TNT_TEST_KILL"
 FORMAT = "tnt-checkpoint"
-VERSION = 1
+# 2: Adam's moments are those of the stored gradients `eigen_lr * g` (docs/design.md, "The scalers");
+# 1: moments of `g`, converted on restore by `adam_moment_factors`.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -32,13 +36,25 @@ def make_meta(backend: str, step: int, cfg: RunConfig, tokenizer_spec: dict) -> 
 def check_meta(meta: object, where: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a TnT checkpoint (no '{FORMAT}' metadata)")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{where} has checkpoint version {meta.get('version')}, "
-                              f"this TnT reads version {VERSION}")
+                              f"this TnT reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     for key in ("step", "config", "tokenizer"):
         if key not in meta:
             raise CheckpointError(f"{where} metadata lacks '{key}'")
     return meta
+
+
+def adam_moment_factors(meta: dict, cfg: ModelConfig) -> dict[str, float]:
+    """Per parameter, the factor that turns a checkpoint's first Adam moment into the current
+    version's (the second moment takes its square); parameters not listed keep theirs.
+
+    A version-1 checkpoint holds the moments of the effective scalers' gradients `g`; version 2
+    those of the stored gradients `m g` (`m` = eigen_lr), so `mu -> m mu`, `nu -> m^2 nu`, exactly.
+    """
+    if meta["version"] == VERSION:
+        return {}
+    return {n: s.eigen_lr for n, s in param_specs(cfg).items() if s.eigen_lr != 1.0}
 
 
 def config_differences(a: object, b: object) -> list[str]:

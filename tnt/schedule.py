@@ -23,6 +23,8 @@ def learning_rate(step: int, peak: float, min_lr: float, warmup: int, horizon: i
 
 def learning_rate_table(peak: float, min_lr: float, warmup: int, horizon: int,
                         steps: int) -> np.ndarray:
-    """`learning_rate` for steps 0..steps-1 as float32 (JAX indexes it inside the train step)."""
+    """`learning_rate` for steps 0..steps-1 (JAX indexes it inside the train step), float64:
+    JAX keeps it in its default float type, float32 unless float64 is enabled (as in the
+    float64 tests, which compare against the exact rate)."""
     return np.array([learning_rate(s, peak, min_lr, warmup, horizon) for s in range(steps)],
-                    dtype=np.float32)
+                    dtype=np.float64)

@@ -26,7 +26,12 @@ from tnt.rope import reference_swap_table, rotate_half_tables
 def l2norm(x: jax.Array, axis: int = -1) -> jax.Array:
     """`x / max(||x||, 1e-12)` along `axis` (torch's F.normalize, so both sides agree), computed
     and returned in float32 whatever the compute dtype (docs/design.md, "Compute dtype")."""
-    return _l2norm(x.astype(jnp.float32), axis)
+    return _l2norm(_at_least_float32(x), axis)
+
+
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    """float32, or float64 for a float64 model (the tests' exact checks): never narrower."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -53,8 +58,26 @@ def _l2norm_bwd(axis: int, residuals, g: jax.Array) -> tuple[jax.Array]:
 _l2norm.defvjp(_l2norm_fwd, _l2norm_bwd)
 
 
+@jax.custom_vjp
+def unit_norm(h: jax.Array) -> jax.Array:
+    """docs/design.md's `norm(h)` of a vector already on the unit sphere (the residual stream:
+    embedding rows after the projection, every block's output): the value is `h` as is, the
+    gradient is `l2norm`'s, `g - h <h, g>` (its `/ ||h||` is 1 there). Computing `h / ||h||`
+    would change the value only by float round-off; the graph is what matters: without this op
+    the radial part of the cotangent would reach `h`, and the gradients would not be the
+    reference's. The caller guarantees the unit norm (a non-unit `h` passes through unscaled)."""
+    return h
+
+
+def _unit_norm_bwd(h: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (g - h * jnp.sum(g * h, axis=-1, keepdims=True),)
+
+
+unit_norm.defvjp(lambda h: (h, h), _unit_norm_bwd)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-    x32 = x.astype(jnp.float32)
+    x32 = _at_least_float32(x)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)).astype(x.dtype)
 
@@ -64,7 +87,10 @@ def project(x_BxLxD: jax.Array, w_DxF: jax.Array, dtype) -> jax.Array:
     float32 parameter keeps its gradient in float32). The tokens are flattened to `[B*L, D]`
     first: the same values, and XLA:CPU computes the weight gradient of a 2-D matmul ~2.4x faster
     than with the batch axes kept (docs/design.md, "Compute dtype")."""
-    y = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(dtype) @ w_DxF.astype(dtype)
+    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+    if dtype != jnp.float32:  # float32 casts nothing, so a float64 model stays float64
+        x_NxD, w_DxF = x_NxD.astype(dtype), w_DxF.astype(dtype)
+    y = x_NxD @ w_DxF
     return y.reshape(*x_BxLxD.shape[:-1], w_DxF.shape[-1])
 
 
@@ -308,12 +334,12 @@ class Scale(nnx.Module):
 
 class Block(nnx.Module):
     """Self-attention, optional cross-attention, MLP, each joined to the stream by the residual
-    update of the norm: nGPT's normalized interpolation `norm(h + |alpha| (norm(f) - h))`, or the
+    update of the norm: nGPT's `norm(norm(h) + |alpha| (norm(f) - norm(h)))`, or the
     pre-norm `h + f(rmsnorm(h))`.
 
-    With ngpt the input `h` must be unit-norm (`Stack` normalizes the embedding; every update
-    ends in a norm), so docs/design.md's inner `norm(h)` is the identity up to float32 round-off and
-    is not recomputed. Its gradient is the identity on the tangent vectors it receives too.
+    With ngpt the input `h` is unit-norm (an embedding row, or the previous update's output), so
+    docs/design.md's inner `norm(h)` is `unit_norm(h)`: no arithmetic forward, the normalization's
+    gradient backward. The sublayer reads `h` itself, as in the design and the nGPT reference.
     """
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs, cross: bool):
@@ -346,7 +372,8 @@ class Block(nnx.Module):
     def _residual(self, h, name: str, fn) -> jax.Array:
         if self.ngpt:
             alpha = jnp.abs(getattr(self, name).alpha[...]).reshape(1, 1, -1)
-            return l2norm(h + alpha * (l2norm(fn(h)) - h))
+            h_unit = unit_norm(h)
+            return l2norm(h_unit + alpha * (l2norm(fn(h)) - h_unit))
         return h + fn(getattr(self, f"{name}_norm")(h))
 
 
@@ -365,9 +392,7 @@ class Stack(nnx.Module):
                  positions=None, cache=None):
         """Returns (h, cache): the last layer's output and, with a cache (one per layer), the
         caches with the new tokens written."""
-        h = jnp.take(self.embed[...], tokens_BxL, axis=0)
-        if self.final_norm is None:  # ngpt: the blocks take unit vectors (docs/design.md's norm(h))
-            h = l2norm(h)
+        h = jnp.take(self.embed[...], tokens_BxL, axis=0)  # ngpt: unit rows, fed as they are
         call = nnx.remat(_call_block) if self.remat and cache is None else _call_block
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -436,7 +461,8 @@ class TnT(nnx.Module):
         return self._logits(h)
 
     def _logits(self, h_BxLxD: jax.Array) -> jax.Array:
-        logits = project(h_BxLxD, self.lm_head[...], jnp.dtype(self.cfg.dtype)).astype(jnp.float32)
+        logits = project(h_BxLxD, self.lm_head[...], jnp.dtype(self.cfg.dtype))
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float64 stays
         if self.cfg.norm == "ngpt":
             logits = logits * self.s_z[...].reshape(1, 1, -1)
         return logits

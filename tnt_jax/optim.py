@@ -1,7 +1,13 @@
 """optax transforms for nGPT: eigen learning rates and the unit-norm projection, and the builder
 that chains them in docs/design.md's order:
 
-    clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers -> learning rate -> projection
+    (eigen-LR multipliers -> clip) -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers
+    -> learning rate -> projection
+
+The two multiplications by `m = init/scale` reproduce the nGPT reference's storage of each scaler
+at `p / m` (docs/design.md, "The scalers"): its gradient is `m g`, which the clip and Adam see,
+and its step is `m` times Adam's. So Adam's moments (`mu`, `nu`) are those of `m g`, the stored
+gradient, not of `g`.
 
 The projection is the last transform, so `optax.apply_updates(params, updates)` lands exactly on
 the unit sphere; nobody writing their own loop can forget it. Both transforms work on any pytree
@@ -34,10 +40,11 @@ def path_name(path) -> str:
 
 
 def scale_by_eigen_lr(multiplier: Callable[[str], float]) -> optax.GradientTransformation:
-    """Multiply each parameter's update by `multiplier(name)`, its eigen-LR `init/scale`.
+    """Multiply each leaf by `multiplier(name)`, its eigen-LR `m = init/scale`.
 
-    With the scaler stored at its effective value this reproduces the reference's
-    reparametrization (stored at `scale`, multiplied by `init/scale` in the forward) for Adam.
+    Chained before the clip it turns the gradient of an effective scaler into the gradient of
+    the reference's stored one (`m g`); chained after Adam it turns the stored step into the
+    effective one (`m` times). Together they are the reference's reparametrization, exactly.
     """
 
     def init_fn(params):
@@ -51,6 +58,21 @@ def scale_by_eigen_lr(multiplier: Callable[[str], float]) -> optax.GradientTrans
         return scaled, state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_stored_gradients(multiplier: Callable[[str], float],
+                          max_norm: float) -> optax.GradientTransformation:
+    """`scale_by_eigen_lr` then `optax.clip_by_global_norm`: the reference clips its stored
+    gradients `m g`. One transform with the clip's (empty) state, so the chain's state has the
+    layout of checkpoints written before the multipliers moved in front of the clip (orbax
+    restores only an identical tree)."""
+    scale, clip = scale_by_eigen_lr(multiplier), optax.clip_by_global_norm(max_norm)
+
+    def update_fn(updates, state, params=None):
+        updates, _ = scale.update(updates, scale.init(None))
+        return clip.update(updates, state, params)
+
+    return optax.GradientTransformation(clip.init, update_fn)
 
 
 def unit_norm_projection(axis: Callable[[str], int | None]) -> optax.GradientTransformation:
@@ -78,6 +100,24 @@ def unit_norm_projection(axis: Callable[[str], int | None]) -> optax.GradientTra
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def convert_adam_moments(opt_state: optax.OptState, factors: dict[str, float]) -> optax.OptState:
+    """Multiply the Adam moments of the named leaves, `mu` by the factor and `nu` by its square
+    (`tnt.checkpoint_meta.adam_moment_factors`: restoring a version-1 checkpoint)."""
+
+    def scale(tree, power: int):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x * factors[n] ** power if (n := path_name(path)) in factors else x,
+            tree)
+
+    def convert(state):
+        if isinstance(state, optax.ScaleByAdamState):
+            return state._replace(mu=scale(state.mu, 1), nu=scale(state.nu, 2))
+        return state
+
+    return jax.tree.map(convert, opt_state,
+                        is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+
+
 def lr_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
     """The shared schedule (tnt.schedule) as an optax schedule, by table lookup."""
     t = train_cfg.resolved(model_cfg.norm)
@@ -97,14 +137,16 @@ def build_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.Gra
             raise KeyError(f"optimizer got parameter {name!r}, which the config does not define")
         return specs[name]
 
-    chain = [optax.clip_by_global_norm(t.grad_clip),
+    def eigen_lr(name: str) -> float:
+        return spec(name).eigen_lr
+
+    chain = [clip_stored_gradients(eigen_lr, t.grad_clip),
              optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=t.eps)]
     if t.weight_decay:
         chain.append(optax.add_decayed_weights(t.weight_decay, mask=lambda params: (
             jax.tree_util.tree_map_with_path(lambda p, _: spec(path_name(p)).weight_decay,
                                              params))))
-    chain += [scale_by_eigen_lr(lambda n: spec(n).eigen_lr),
-              optax.scale_by_learning_rate(lr_schedule(model_cfg, train_cfg))]
+    chain += [scale_by_eigen_lr(eigen_lr), optax.scale_by_learning_rate(lr_schedule(model_cfg, train_cfg))]
     if model_cfg.norm == "ngpt":
         chain.append(unit_norm_projection(lambda n: spec(n).project_axis))
     return optax.chain(*chain)

@@ -21,13 +21,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tnt import checkpoint_io
-from tnt.checkpoint_meta import make_meta
+from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
 from tnt_jax import checkpoint
 from tnt_jax.generate import inference
 from tnt_jax.model import TnT, loss_fn, merge_params, split_params
-from tnt_jax.optim import build_optimizer
+from tnt_jax.optim import build_optimizer, convert_adam_moments
 
 
 class TrainState(NamedTuple):
@@ -180,6 +180,8 @@ class JaxBackend:
     def restore(self, path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
         state, meta = checkpoint.restore(step_dir, self.state._asdict(), self.cfg.model)
+        state["opt_state"] = convert_adam_moments(state["opt_state"],
+                                                  adam_moment_factors(meta, self.cfg.model))
         self.state = TrainState(**state)
         return meta
 

@@ -49,18 +49,47 @@ def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     same); equal to it up to float rounding, and several times faster forward and backward.
     Computed and returned in float32 whatever the compute dtype (docs/design.md, "Compute
     dtype")."""
-    return _L2Norm.apply(x.float(), dim)
+    return _L2Norm.apply(_at_least_float32(x), dim)
 
 
 def project(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x @ w` in the compute dtype (both operands cast here, as tnt_jax.model.project does; the
-    float32 parameter keeps its gradient in float32)."""
+    float32 parameter keeps its gradient in float32). A float32 compute dtype casts nothing, so a
+    float64 model (the tests' exact checks) stays float64."""
+    if dtype == torch.float32:
+        return x @ w
     return x.to(dtype) @ w.to(dtype)
+
+
+class _UnitNorm(torch.autograd.Function):
+    """docs/design.md's `norm(h)` of a vector already on the unit sphere (the residual stream:
+    embedding rows after the projection, every block's output): the value is `h` as is, the
+    gradient is `l2norm`'s, `g - h <h, g>` (its `/ ||h||` is 1 there). Computing `h / ||h||`
+    would change the value only by float round-off; the graph is what matters: without this op
+    the radial part of the gradient would reach `h`, and the gradients would not be the
+    reference's. The caller guarantees the unit norm (a non-unit `h` passes through unscaled)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return h.view_as(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        return g.addcmul(h, (g * h).sum(-1, keepdim=True), value=-1)
+
+
+def unit_norm(h: torch.Tensor) -> torch.Tensor:
+    """`norm(h)` over the last axis for a unit-norm `h` (see `_UnitNorm`; tnt_jax.model.unit_norm
+    is the same)."""
+    return _UnitNorm.apply(h)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm computed in float32 (docs/design.md, rmsnorm baseline)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(x.dtype)
+    return F.rms_norm(_at_least_float32(x), (x.shape[-1],), scale, eps).to(x.dtype)
 
 
 class RoPE:
@@ -278,8 +307,13 @@ class Scale(nn.Module):
 
 class Block(nn.Module):
     """Self-attention, optional cross-attention, MLP, each joined to the stream by the residual
-    update of the norm: nGPT's normalized interpolation `norm(h + |alpha| (norm(f) - h))`, or the
-    pre-norm `h + f(rmsnorm(h))`."""
+    update of the norm: nGPT's `norm(norm(h) + |alpha| (norm(f) - norm(h)))`, or the
+    pre-norm `h + f(rmsnorm(h))`.
+
+    With ngpt the input `h` is unit-norm (an embedding row, or the previous update's output), so
+    docs/design.md's inner `norm(h)` is `unit_norm(h)`: no arithmetic forward, the normalization's
+    gradient backward. The sublayer reads `h` itself, as in the design and the nGPT reference.
+    """
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, cross: bool):
         super().__init__()
@@ -304,8 +338,8 @@ class Block(nn.Module):
         return self._residual(h, self.mlp, "mlp_norm", self.mlp), cache
 
     def _residual(self, h, sub: nn.Module, norm_name: str, fn) -> torch.Tensor:
-        if self.ngpt:  # h is unit-norm already (Stack normalizes the embedding rows once)
-            return l2norm(torch.lerp(h, l2norm(fn(h)), sub.alpha.abs()))
+        if self.ngpt:
+            return l2norm(torch.lerp(unit_norm(h), l2norm(fn(h)), sub.alpha.abs()))
         return h + fn(getattr(self, norm_name)(h))
 
 
@@ -326,9 +360,7 @@ class Stack(nn.Module):
                 positions=None, cache=None):
         """Returns (h, cache): the last layer's output and the caches (one per layer, written in
         place) or None."""
-        h = F.embedding(tokens_BxL, self.embed)
-        if self.final_norm is None:  # ngpt: norm(h) once; every block's output is unit-norm
-            h = l2norm(h)
+        h = F.embedding(tokens_BxL, self.embed)  # ngpt: unit rows, fed as they are
         compiled = self.compiled and torch.is_grad_enabled()
         remat = self.remat and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -436,8 +468,8 @@ class TnT(nn.Module):
     def _logits(self, h_BxLxD: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "ngpt":  # s_z * (h @ lm_head), as h @ (lm_head * s_z): [d, V] not [B, L, V]
             head = _derived(self, "head", lambda: self.lm_head * self.s_z, self.lm_head, self.s_z)
-            return project(h_BxLxD, head, self.dtype).float()
-        return project(h_BxLxD, self.lm_head, self.dtype).float()
+            return _at_least_float32(project(h_BxLxD, head, self.dtype))
+        return _at_least_float32(project(h_BxLxD, self.lm_head, self.dtype))
 
     def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
         """Preallocated self-attention caches of `length` positions for `batch` rows; for
@@ -492,12 +524,17 @@ class TnT(nn.Module):
         return self.decode(dec_tokens_BxL)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Logits and loss in float32, or float64 for a `.double()` model (the float64 tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean float32 cross-entropy over non-pad labels; returns (loss, number of label tokens)."""
     logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
     labels = batch["labels"].long()
     pad = model.cfg.pad_id
-    nll_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+    nll_sum = F.cross_entropy(_at_least_float32(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1),
                               ignore_index=pad, reduction="sum")
     count = (labels != pad).sum()
     return nll_sum / count.clamp_min(1), count

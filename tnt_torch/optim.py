@@ -1,14 +1,19 @@
 """The TnT optimizer in PyTorch: one `step()` does docs/design.md's whole update, in its order:
 
-    clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers -> learning rate -> apply
-         -> unit-norm projection (ngpt)
+    eigen-LR multipliers -> clip -> Adam -> weight decay (rmsnorm) -> eigen-LR multipliers
+    -> learning rate -> apply -> unit-norm projection (ngpt)
 
 `TnTOptimizer` is a `torch.optim.AdamW` whose parameter groups carry the eigen learning rates of
 `tnt.params.param_specs` (group lr = schedule(step) * eigen_lr; decoupled decay only on the specs
-with `weight_decay`), and whose `step()` also clips the gradients, sets the shared schedule
-(`tnt.schedule.learning_rate`) and projects the ngpt matrices back onto the unit sphere. Anyone
+with `weight_decay`), and whose `step()` also multiplies each group's gradients by its eigen_lr
+and clips them, sets the shared schedule (`tnt.schedule.learning_rate`) and projects the ngpt
+matrices back onto the unit sphere. Anyone
 writing their own loop calls `loss.backward(); opt.step(); opt.zero_grad()` and cannot forget a
 piece (the mirror of the optax chain in `tnt_jax/optim.py`).
+
+The two multiplications by `m = eigen_lr` reproduce the nGPT reference's storage of each scaler at
+`p / m` (docs/design.md, "The scalers"): the clip and Adam see its stored gradient `m g`, and its
+step is `m` times Adam's. Adam's moments (`exp_avg`, `exp_avg_sq`) are therefore those of `m g`.
 
 Equivalence with the optax chain: optax applies `p -= lr * e * (adam + wd * p)`; AdamW applies
 `p -= lr_g * wd * p + lr_g * adam` with `lr_g = lr * e`: the same update.
@@ -52,15 +57,24 @@ class UnitNormProjection:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """optax.clip_by_global_norm: scale all grads by min(1, max_norm / ||g||); returns ||g||
-    (before clipping). No epsilon, unlike torch.nn.utils.clip_grad_norm_."""
-    grads = [p.grad for p in params if p.grad is not None]
+def clip_grad_norm(groups: list[tuple[list[torch.Tensor], float]], max_norm: float) -> torch.Tensor:
+    """Multiply each group's gradients by its multiplier `m` (the stored gradients `m g`), then
+    clip them as optax.clip_by_global_norm does: all scaled by min(1, max_norm / ||m g||), no
+    epsilon (unlike torch.nn.utils.clip_grad_norm_). One norm per tensor serves both the clip
+    and the returned value, the global norm of the gradients as they came, `||g||` (what
+    tnt_jax's train step reports)."""
+    scaled = [([p.grad for p in ps if p.grad is not None], m) for ps, m in groups]
+    grads = [g for gs, _ in scaled for g in gs]
     if not grads:
         return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, (max_norm / total).clamp(max=1.0))
-    return total
+    norms = torch.stack(torch._foreach_norm(grads))
+    mults = torch.tensor([m for gs, m in scaled for _ in gs], dtype=norms.dtype,
+                         device=norms.device)
+    coef = (max_norm / torch.linalg.vector_norm(norms * mults)).clamp(max=1.0)
+    for gs, m in scaled:
+        if gs:
+            torch._foreach_mul_(gs, coef * m)
+    return torch.linalg.vector_norm(norms)
 
 
 class TnTOptimizer(torch.optim.AdamW):
@@ -103,14 +117,14 @@ class TnTOptimizer(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One full TnT update; returns the closure's loss (if any). The pre-clip global
-        gradient norm is left in `last_grad_norm`."""
+        """One full TnT update; returns the closure's loss (if any). The global norm of the
+        gradients as they came (before multipliers and clip) is left in `last_grad_norm`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for g in self.param_groups for p in g["params"]]
-        self.last_grad_norm = clip_grad_norm(params, self.train_cfg.grad_clip)
+        self.last_grad_norm = clip_grad_norm([(g["params"], g["eigen_lr"])
+                                              for g in self.param_groups], self.train_cfg.grad_clip)
         base = self.lr_at(self.step_count)
         for group in self.param_groups:
             group["lr"] = base * group["eigen_lr"]
@@ -132,7 +146,8 @@ class TnTOptimizer(torch.optim.AdamW):
 
     def canonical_state(self) -> dict[str, np.ndarray]:
         """Adam's moments and step count per canonical name (`<name>.exp_avg`, ...), float32
-        numpy copies; zeros before the first step."""
+        numpy copies; zeros before the first step. The moments are those of the stored gradient
+        `eigen_lr * g` (see the module docstring)."""
         out = {}
         for p, name in self.name_of.items():
             st = self.state.get(p, {})
@@ -144,8 +159,12 @@ class TnTOptimizer(torch.optim.AdamW):
                 out[f"{name}.{key}"] = value.detach().cpu().numpy().copy()
         return out
 
-    def load_canonical_state(self, arrays: dict[str, np.ndarray], step_count: int) -> None:
-        """Inverse of `canonical_state`; every name must be present with the parameter's shape."""
+    def load_canonical_state(self, arrays: dict[str, np.ndarray], step_count: int,
+                             moment_factors: dict[str, float] | None = None) -> None:
+        """Inverse of `canonical_state`; every name must be present with the parameter's shape.
+        `moment_factors` (`tnt.checkpoint_meta.adam_moment_factors`, for a version-1 checkpoint)
+        multiply a parameter's `exp_avg` by the factor and its `exp_avg_sq` by the square."""
+        factors = moment_factors or {}
         expected = {f"{n}.{k}" for n in self.names for k in ADAM_KEYS}
         missing = sorted(expected - set(arrays))
         extra = sorted(set(arrays) - expected)
@@ -156,6 +175,8 @@ class TnTOptimizer(torch.optim.AdamW):
             st = {}
             for key in ADAM_KEYS:
                 a = np.asarray(arrays[f"{name}.{key}"], dtype=np.float32)
+                if key != "step" and name in factors:
+                    a = a * np.float32(factors[name] ** (1 if key == "exp_avg" else 2))
                 want = () if key == "step" else tuple(p.shape)
                 if a.shape != want:
                     raise ValueError(f"optimizer state {name}.{key} has shape {a.shape}, "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tnt import checkpoint_io
-from tnt.checkpoint_meta import make_meta
+from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
 from tnt_torch import checkpoint
@@ -179,7 +179,8 @@ class TorchBackend:
         params, opt_state, meta = checkpoint.restore(step_dir, self.cfg.model)
         load_canonical(self.net, params)
         try:
-            self.opt.load_canonical_state(opt_state, meta["step"])
+            self.opt.load_canonical_state(opt_state, meta["step"],
+                                          adam_moment_factors(meta, self.cfg.model))
         except (KeyError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from e
         return meta
