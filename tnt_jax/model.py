@@ -234,13 +234,13 @@ def _attend_einsum(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS) -> jax.Array:
     (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh divisions, not L*S). Scores and softmax
     statistics are float32. Masked scores are set to the float minimum, so a fully masked row is
     a uniform softmax, zeroed by `attend`."""
-    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK,
-                        preferred_element_type=jnp.float32)
+    stats = jnp.promote_types(v_BxSxHxK.dtype, jnp.float32)  # float64 models stay float64
+    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=stats)
     scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(scores.dtype).min)
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total_BxLxHx1 = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)[..., None]
     y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", weights.astype(v_BxSxHxK.dtype), v_BxSxHxK,
-                           preferred_element_type=jnp.float32) / total_BxLxHx1
+                           preferred_element_type=stats) / total_BxLxHx1
     return y_BxLxHxK.astype(v_BxSxHxK.dtype)
 
 
