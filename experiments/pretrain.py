@@ -49,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm", choices=["ngpt", "rmsnorm"])
     p.add_argument("--data", help="stdlib (default), a text file or folder, or a prepared "
                                   "token folder (python -m experiments.prepare)")
-    p.add_argument("--tokenizer", choices=["byte", "bpe"])
+    p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
+                   help="byte (default), a BPE trained on the train split, or a Hugging Face "
+                        "tokenizer.json (its special ids become pad/bos/eos)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -168,6 +170,8 @@ def train(args: argparse.Namespace) -> float:
     start = backend.step_count
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
+    if getattr(corpus.tokenizer, "note", None):
+        print(corpus.tokenizer.note)
     val_loss = float("nan")
     bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
     tick, tick_step = time.perf_counter(), start
