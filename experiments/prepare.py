@@ -8,8 +8,8 @@ writes `DIR/train.bin`, `DIR/val.bin` (raw little-endian uint16/uint32 ids) and 
 corpus larger than RAM trains without being loaded. `--tokenizer PATH` takes a Hugging Face
 `tokenizer.json` (e.g. GPT-2's).
 
-Documents are encoded by `--workers` processes (default: one per CPU core) in groups of about
-1 MB, in order, with a progress bar over the bytes; each worker rebuilds the tokenizer from its
+Documents are encoded by `--workers` processes (default: one per CPU core) in groups of at most
+about 1 MB, in order, with a progress bar over the bytes; each worker rebuilds the tokenizer from its
 spec once. A corpus of one file is one document per split, so it uses one worker per split.
 The result is the same token stream as `tnt.data.load_corpus` gives.
 """
@@ -60,7 +60,8 @@ def encode_parallel(tokenizer, texts: list[str], workers: int, desc: str) -> np.
     parts = []
     with tqdm(total=sum(len(t) for t in texts), desc=desc, unit="char", unit_scale=True,
               dynamic_ncols=True, mininterval=1.0) as bar:
-        todo = groups(texts)
+        # groups of about 1 MB, smaller for a small corpus so that every worker gets some
+        todo = groups(texts, max(1, min(GROUP_BYTES, sum(len(t) for t in texts) // (4 * workers))))
         if workers == 1 or len(todo) == 1:
             _init_worker(tokenizer.spec)
             results = map(_encode_group, todo)
