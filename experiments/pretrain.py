@@ -37,7 +37,7 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
                "analysis_every": "analysis_every"}
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-             "log_every", "analysis_every", "sample_tokens"}
+             "log_every", "analysis_every", "sample_tokens", "sample_temperature"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -215,15 +215,22 @@ def train(args: argparse.Namespace) -> float:
 
 
 def sample_text(backend, cfg: RunConfig, corpus) -> str:
-    """A short greedy continuation of the start of the val split."""
-    tok, n = corpus.tokenizer, cfg.train.sample_tokens
+    """A short continuation of the start of the val split, sampled at `sample_temperature` with
+    the run's seed (greedy at 0: a small model's greedy decoding tends to repeat one token)."""
+    import importlib
+
+    from tnt.generation import Sampling
+
+    tok, n, t = corpus.tokenizer, cfg.train.sample_tokens, cfg.train
+    generate = importlib.import_module(f"tnt_{backend.name}.generate").generate
+    model = backend.model()
+    model.eval()
     if cfg.model.has_encoder:
-        enc = np.asarray(corpus.val[:cfg.train.encoder_len], np.int32)
-        ids = backend.sample(enc, np.array([cfg.model.bos_id], np.int32), n)
-        return tok.decode(enc) + " ⟶ " + tok.decode(ids)
-    prefix = np.asarray(corpus.val[:min(32, cfg.model.max_len_decoder - n)], np.int32)
-    ids = backend.sample(None, prefix, n)
-    return tok.decode(prefix) + " ⟶ " + tok.decode(ids)
+        prompt = np.asarray(corpus.val[:t.encoder_len], np.int32)
+    else:
+        prompt = np.asarray(corpus.val[:min(32, cfg.model.max_len_decoder - n)], np.int32)
+    out = generate(model, [prompt], n, Sampling(temperature=t.sample_temperature, seed=t.seed))
+    return tok.decode(prompt) + " ⟶ " + tok.decode(out.tokens[0])
 
 
 def main(argv=None) -> int:

@@ -82,3 +82,14 @@ def test_param_table_eigen_lrs_and_axes():
     assert all(s.project_axis is None for s in base.values())
     assert {n for n, s in base.items() if s.weight_decay} == {n for n, s in base.items()
                                                               if s.is_matrix}
+
+
+def test_cpu_preset_rates_per_norm_and_sample_temperature():
+    from tnt.config import PRESET_LRS
+
+    for norm in ("ngpt", "rmsnorm"):
+        assert build_run_config("cpu", {"norm": norm}).train.lr == PRESET_LRS["cpu"][norm]
+        assert build_run_config("cpu", {"norm": norm, "lr": 1e-3}).train.lr == 1e-3  # explicit wins
+        assert build_run_config("ngpt-0.5b", {"norm": norm}).train.lr is None  # the paper's rates
+    with pytest.raises(ConfigError, match="sample_temperature must be >= 0"):
+        build_run_config("cpu", sets=["sample_temperature=-1"])

@@ -130,6 +130,7 @@ class TrainConfig:
     log_every: int = 10
     analysis_every: int = 100  # TensorBoard dynamics (experiments/dynamics.py); 0 disables
     sample_tokens: int = 64
+    sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
@@ -142,6 +143,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.min_lr < 0:
             raise ConfigError(f"min_lr must be >= 0, got {self.min_lr}")
+        if not 0 <= self.sample_temperature < float("inf"):
+            raise ConfigError(f"sample_temperature must be >= 0 (0 is greedy), got {self.sample_temperature}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.weight_decay is not None and self.weight_decay < 0:
