@@ -99,10 +99,17 @@ def test_hf_tokenizer_json_maps_special_ids_and_grows_the_vocabulary(tmp_path, t
     assert again.note is None and again.spec == tok.spec
     ids = tok.encode("def g1(y):")
     assert tok.decode(np.concatenate([[tok.bos_id], ids, [tok.eos_id, tok.pad_id]])) == "def g1(y):"
-    from tokenizers import Tokenizer, models
+    from tokenizers import AddedToken, Tokenizer, models
 
-    with pytest.raises(ValueError, match="pad token"):  # a pad that is also eos would mask real eos
-        map_special_ids(Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 0}, unk_token="<pad>")))
+    # "<s>" as ordinary vocabulary (text, not a special token) never becomes bos
+    plain = Tokenizer(models.WordLevel({"<s>": 0, "a": 1}, unk_token="a"))
+    ids, added = map_special_ids(plain)
+    assert ids == {"pad": 2, "bos": 3, "eos": 4} and added == ["<pad>", "<bos>", "<eos>"]
+    clash = Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    clash.add_special_tokens([AddedToken("</s>", special=True), AddedToken("<pad>", special=True)])
+    clash.add_special_tokens([AddedToken("<s>", special=True)])
+    ids, added = map_special_ids(clash)
+    assert ids == {"pad": 2, "bos": 3, "eos": 1} and added == []
 
 
 def test_hf_tokenizer_through_pretrain_prepare_and_evaluate(tmp_path, texts, capsys):

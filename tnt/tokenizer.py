@@ -52,18 +52,20 @@ SPECIAL_NAMES = {
 
 def map_special_ids(tok) -> tuple[dict[str, int], list[str]]:
     """pad/bos/eos ids of a `tokenizers.Tokenizer`, adding `<pad>`/`<bos>`/`<eos>` as special tokens
-    (growing the vocabulary) for any role the tokenizer has no token for. Returns the ids by role and
-    the names added. Deterministic, so a saved tokenizer (with its additions) maps the same way."""
+    (growing the vocabulary) for any role the tokenizer has no special token for. Only the
+    tokenizer's special (added) tokens are candidates: a BPE vocabulary may hold `<s>` as ordinary
+    text, which must never become bos. Returns the ids by role and the names added. Deterministic,
+    so a saved tokenizer (with its additions) maps the same way again."""
+    specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     ids, added = {}, []
     for role, names in SPECIAL_NAMES.items():
-        found = next((tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None), None)
+        found = next((specials[n] for n in names if n in specials), None)
         if found is None:
             name = f"<{role}>"
             tok.add_special_tokens([name])
             found, added = tok.token_to_id(name), added + [name]
+            specials[name] = found
         ids[role] = found
-    if ids["pad"] in (ids["bos"], ids["eos"]):
-        raise ValueError(f"the tokenizer's pad token (id {ids['pad']}) is also its bos or eos")
     return ids, added
 
 
