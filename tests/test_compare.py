@@ -132,11 +132,21 @@ def test_tiny_sweep_end_to_end_reuses_finished_runs(corpus, tmp_path, capsys):
     with Image.open(out / "compare.png") as im:
         assert im.format == "PNG" and im.size == (int(analyze.FIGSIZE[0] * 1.5 * analyze.DPI),
                                                   int(analyze.FIGSIZE[1] * analyze.DPI))
-    # everything is there: a third call trains nothing and reports the same numbers
-    assert compare.main(sweep_args(corpus, out, 2)) == 0
-    assert capsys.readouterr().out.count(": reused") == 8
+    # everything is there: a third call trains nothing and reports the same numbers, plus the
+    # best-rate runs scored on held-out text
+    held = Path(corpus).parent / "held_out.txt"
+    held.write_text("def held(out):\n    return out\n" * 40)
+    assert compare.main(sweep_args(corpus, out, 2) + ["--eval-data", str(held)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": reused") == 8 and "held-out" in printed
     again = json.loads((out / "summary.json").read_text())
     assert again["rates"] == summary["rates"] and again["curves"] == summary["curves"]
+    for norm in ("ngpt", "rmsnorm"):
+        scored = again["held_out"][norm]["runs"]
+        assert len(scored) == 2 and all(r["data"] == str(held) for r in scored)
+        assert {Path(r["checkpoint"]).parent.parent.name for r in scored} == {
+            f"lr{again['best_lr'][norm]:g}-seed{s}" for s in (0, 1)}
+        assert again["held_out"][norm]["loss_mean"] == pytest.approx(np.mean([r["loss"] for r in scored]))
     # other settings over the same folder are refused, naming the difference
     args = sweep_args(corpus, out, 2)
     args[args.index("--max-steps") + 1] = "5"

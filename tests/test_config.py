@@ -91,5 +91,6 @@ def test_cpu_preset_rates_per_norm_and_sample_temperature():
         assert build_run_config("cpu", {"norm": norm}).train.lr == PRESET_LRS["cpu"][norm]
         assert build_run_config("cpu", {"norm": norm, "lr": 1e-3}).train.lr == 1e-3  # explicit wins
         assert build_run_config("ngpt-0.5b", {"norm": norm}).train.lr is None  # the paper's rates
+        assert build_run_config("cpu", {"norm": norm, "lr": None}).train.lr is None  # a saved config
     with pytest.raises(ConfigError, match="sample_temperature must be >= 0"):
         build_run_config("cpu", sets=["sample_temperature=-1"])

@@ -257,7 +257,8 @@ def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = 
     for item in sets:
         name, value = parse_set(item)
         values[name] = value
-    if "lr" not in values and preset in PRESET_LRS:
+    if "lr" not in values and "lr" not in (overrides or {}) and preset in PRESET_LRS:
+        # an explicit lr=None (a saved config being resumed) keeps the norm's default
         norm = values.get("norm", ModelConfig.norm)
         values.update({"lr": PRESET_LRS[preset][norm]} if norm in PRESET_LRS[preset] else {})
     model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
