@@ -25,7 +25,16 @@ from experiments.backends import BACKENDS, BackendUnavailable
 from experiments.pretrain import batch_spec
 from tnt.checkpoint_io import find_checkpoint
 from tnt.checkpoint_meta import CheckpointError
-from tnt.data import Batches, DataError, encode_documents, is_prepared, read_text, read_token_dir, text_files
+from tnt.data import (
+    Batches,
+    DataError,
+    encode_documents,
+    is_prepared,
+    make_tokenizer,
+    read_text,
+    read_token_dir,
+    text_files,
+)
 from tnt.tokenizer import same_tokenizer
 from tnt.units import bits_per_byte, bits_per_token, text_bytes
 
@@ -85,8 +94,10 @@ def held_out_stream(data: str, tokenizer, split: str = "val") -> tuple[np.ndarra
 
 
 def evaluate(path: str | Path, data: str, backend: str | None = None, batches: int = 32,
-             split: str = "val") -> dict:
-    """Loss (nats/token), bits per token and per byte of a checkpoint on held-out data."""
+             split: str = "val", tokenizer: str | None = None) -> dict:
+    """Loss (nats/token), bits per token and per byte of a checkpoint on held-out data.
+    `tokenizer` ("byte" or a tokenizer.json) is for a checkpoint that carries none (imported
+    weights); for one that does, it must be the same."""
     if batches < 1:
         raise DataError(f"--batches must be >= 1, got {batches}")
     step_dir, kind = find_checkpoint(path)
@@ -94,9 +105,18 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
     if backend not in SCORERS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     score, cfg, tok = SCORERS[backend](step_dir)
+    if tokenizer == "bpe":
+        raise DataError("--tokenizer bpe would train a new vocabulary; name the run's tokenizer.json")
+    if tokenizer is not None:
+        given = make_tokenizer(tokenizer, [], 0)
+        if tok is not None and not same_tokenizer(given.spec, tok.spec):
+            raise DataError(f"tokenizer {tokenizer!r} ({given.spec['kind']}, vocab {given.vocab_size}) is "
+                            f"not the one checkpoint {step_dir} was trained with ({tok.spec['kind']}, "
+                            f"vocab {tok.vocab_size})")
+        tok = given
     if tok is None:
-        raise CheckpointError(f"checkpoint {step_dir} carries no tokenizer (imported weights), so "
-                              f"text cannot be scored with it")
+        raise CheckpointError(f"checkpoint {step_dir} carries no tokenizer (imported weights); "
+                              f"name one with --tokenizer")
     stream, n_bytes = held_out_stream(data, tok, split)
     if n_bytes == 0:
         raise DataError(f"data {data!r} ({split}) has no text to evaluate on")
@@ -129,10 +149,12 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=32, help="batches of windows to score (32)")
     p.add_argument("--split", choices=["val", "train"], default="val",
                    help="which split of a token folder to score (val)")
+    p.add_argument("--tokenizer", metavar="byte|PATH", help="for a checkpoint without one "
+                   "(imported weights); otherwise it must be the checkpoint's")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        r = evaluate(args.run, args.data, args.backend, args.batches, args.split)
+        r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer)
     except (CheckpointError, DataError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -132,8 +132,11 @@ def test_hf_tokenizer_through_pretrain_prepare_and_evaluate(tmp_path, texts, cap
     assert prepared.val_bytes == direct.val_bytes and prepared.tokenizer.spec == tok.spec
     r = evaluate(tmp_path / "run", str(tmp_path / "tok"), batches=1)
     assert r["stream_bytes"] == direct.val_bytes and r["stream_tokens"] < r["stream_bytes"]
-    assert evaluate_main([str(tmp_path / "run"), "--data", str(held), "--batches", "1"]) == 0
+    assert evaluate_main([str(tmp_path / "run"), "--data", str(held), "--batches", "1",
+                          "--tokenizer", str(path)]) == 0  # the same file: accepted
     assert "bits/byte" in capsys.readouterr().out
+    assert evaluate_main([str(tmp_path / "run"), "--data", str(held), "--tokenizer", "byte"]) == 2
+    assert "is not the one" in capsys.readouterr().err
     # a token folder of another tokenizer is refused by name
     assert prepare_main(["--data", str(src), "--out", str(tmp_path / "bytes")]) == 0
     assert evaluate_main([str(tmp_path / "run"), "--data", str(tmp_path / "bytes")]) == 2
