@@ -45,6 +45,7 @@ from experiments import pretrain
 from experiments.analyze import DPI, FIGSIZE, read_scalars
 from experiments.backends import BACKENDS
 from experiments.checkpoints import locate
+from tnt.checkpoint_io import read_meta
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import PRESETS, ConfigError, build_run_config
 from tnt.data import DataError, load_corpus, split_documents
@@ -352,11 +353,9 @@ def report(summary: dict) -> str:
 
 def units(out: Path, run: Run, data: str) -> dict:
     """Tokens and bytes of the validation split, for bits per byte (tnt/units.py)."""
-    d = run.dir(out)
-    meta = json.loads((locate(d)[0] / ("meta/metadata" if (locate(d)[0] / "meta").is_dir()
-                                       else "meta.json")).read_text())
-    cfg = json.loads((d / "config.json").read_text())
-    corpus = load_corpus(data, tokenizer_from_spec(meta["tokenizer"]), cfg["train"]["val_percent"])
+    meta = read_meta(*locate(run.dir(out)))
+    corpus = load_corpus(data, tokenizer_from_spec(meta["tokenizer"]),
+                         meta["config"]["train"]["val_percent"])
     n_tokens, n_bytes = len(corpus.val), corpus.split_bytes("val")
     return {"val_tokens": n_tokens, "val_bytes": n_bytes,
             "bits_per_byte_per_nat": bits_per_byte(1.0, n_tokens, n_bytes)}
