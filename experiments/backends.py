@@ -51,8 +51,9 @@ class Backend(Protocol):
     def restore(self, path) -> dict:
         """Load parameters and optimizer state from a checkpoint; returns its metadata."""
 
-    def sample(self, tokenizer, prompt: str, n: int) -> str:
-        """Greedy `inference` of up to `n` new tokens from `prompt`."""
+    def sample(self, tokenizer, prompt: str, n: int, temperature: float = 0.0,
+               seed: int = 0) -> str:
+        """`inference` of up to `n` new tokens from `prompt`, greedy or at `temperature`."""
 
 
 def backend_class(name: str) -> type[Backend]:

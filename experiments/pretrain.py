@@ -42,7 +42,7 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
                "analysis_every": "analysis_every"}
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-             "log_every", "analysis_every", "sample_tokens", "max_loss",
+             "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
              "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
 
 
@@ -55,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm", choices=["ngpt", "rmsnorm"])
     p.add_argument("--data", help="stdlib (default), a text file or folder, or a prepared "
                                   "token folder (python -m experiments.prepare)")
-    p.add_argument("--tokenizer", choices=["byte", "bpe"])
+    p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
+                   help="byte (default), a BPE trained on the train split, or a Hugging Face "
+                        "tokenizer.json (its special ids become pad/bos/eos)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -292,6 +294,8 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
     dynamics = Dynamics(cfg.model) if t.analysis_every else None
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
+    if getattr(corpus.tokenizer, "note", None):
+        print(corpus.tokenizer.note)
     val_loss = float("nan")
     tick, tick_step = time.perf_counter(), start
     began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
@@ -342,12 +346,14 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
 
 
 def sample_text(backend, cfg: RunConfig, corpus) -> str:
-    """A short greedy continuation (through `inference`) of the start of the val split."""
-    tok, n = corpus.tokenizer, cfg.train.sample_tokens
-    length = (cfg.train.encoder_len if cfg.model.has_encoder
-              else min(32, cfg.model.max_len_decoder - n))
+    """A short continuation (through `inference`) of the start of the val split, sampled at
+    `sample_temperature` with the run's seed (greedy at 0: a small model's greedy decoding tends
+    to repeat one token)."""
+    tok, t = corpus.tokenizer, cfg.train
+    n = t.sample_tokens
+    length = t.encoder_len if cfg.model.has_encoder else min(32, cfg.model.max_len_decoder - n)
     prompt = tok.decode(corpus.val[:max(length, 0)])
-    return prompt + " ⟶ " + backend.sample(tok, prompt, n)
+    return prompt + " ⟶ " + backend.sample(tok, prompt, n, t.sample_temperature, t.seed)
 
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3

@@ -96,3 +96,15 @@ def test_every_float_field_refuses_non_finite_values(cls, name, value):
     assert len(FLOAT_FIELDS) >= 10  # rope_base, base_scale, lr, min_lr, betas, eps, grad_clip, ...
     with pytest.raises(ConfigError, match=f"{name} must be a finite number, got {value}"):
         cls(**{name: value})
+
+
+def test_cpu_preset_rates_per_norm_and_sample_temperature():
+    from tnt.config import PRESET_LRS
+
+    for norm in ("ngpt", "rmsnorm"):
+        assert build_run_config("cpu", {"norm": norm}).train.lr == PRESET_LRS["cpu"][norm]
+        assert build_run_config("cpu", {"norm": norm, "lr": 1e-3}).train.lr == 1e-3  # explicit wins
+        assert build_run_config("ngpt-0.5b", {"norm": norm}).train.lr is None  # the paper's rates
+        assert build_run_config("cpu", {"norm": norm, "lr": None}).train.lr is None  # a saved config
+    with pytest.raises(ConfigError, match="sample_temperature must be >= 0"):
+        build_run_config("cpu", sets=["sample_temperature=-1"])

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tnt.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, tokenizer_from_spec
+from tnt.units import stream_bytes, text_bytes
 
 META_FILE = "meta.json"
 
@@ -37,6 +38,13 @@ class Corpus:
     train: np.ndarray  # 1-D token ids (uint16/uint32), possibly a memmap
     val: np.ndarray
     source: str
+    train_bytes: int | None = None  # UTF-8 bytes of the text behind each split (tnt/units.py);
+    val_bytes: int | None = None  # None for a token folder written before they were recorded
+
+    def split_bytes(self, split: str) -> int:
+        """Bytes of text behind a split, decoded from its tokens when they were not recorded."""
+        recorded = getattr(self, f"{split}_bytes")
+        return recorded if recorded is not None else stream_bytes(self.tokenizer, getattr(self, split))
 
 
 def stdlib_root() -> Path:
@@ -112,7 +120,8 @@ def is_prepared(source: str) -> bool:
 
 def load_corpus(source: str, tokenizer: Tokenizer | str = "byte", val_percent: float = 5.0,
                 bpe_vocab_size: int = 1024) -> Corpus:
-    """Load a corpus. `tokenizer` is a tokenizer object, or "byte"/"bpe" to make one.
+    """Load a corpus. `tokenizer` is a tokenizer object, "byte"/"bpe" to make one, or the path of
+    a Hugging Face `tokenizer.json`.
 
     A prepared token folder carries its own tokenizer; passing a different one is an error.
     """
@@ -127,14 +136,24 @@ def load_corpus(source: str, tokenizer: Tokenizer | str = "byte", val_percent: f
                             f" vocab {tokenizer.vocab_size})")
         return corpus
     train_texts, val_texts = split_documents(source, val_percent)
-    if tokenizer == "byte":
-        tokenizer = ByteTokenizer()
-    elif tokenizer == "bpe":
-        tokenizer = BPETokenizer.train(train_texts, bpe_vocab_size)
-    elif isinstance(tokenizer, str):
-        raise DataError(f"unknown tokenizer {tokenizer!r}; choose byte or bpe")
+    if isinstance(tokenizer, str):
+        tokenizer = make_tokenizer(tokenizer, train_texts, bpe_vocab_size)
     return Corpus(tokenizer, encode_documents(tokenizer, train_texts),
-                  encode_documents(tokenizer, val_texts), source)
+                  encode_documents(tokenizer, val_texts), source, text_bytes(train_texts),
+                  text_bytes(val_texts))
+
+
+def make_tokenizer(kind: str, train_texts: list[str], bpe_vocab_size: int) -> Tokenizer:
+    """The tokenizer named "byte", "bpe" (trained on `train_texts`) or by a tokenizer.json path."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.train(train_texts, bpe_vocab_size)
+    try:
+        return BPETokenizer.from_file(kind)
+    except Exception as e:  # OSError, or the bare Exception the tokenizers library raises
+        raise DataError(f"tokenizer {kind!r} is not byte, bpe or a readable Hugging Face "
+                        f"tokenizer.json: {e}") from e
 
 
 def write_token_dir(corpus: Corpus, out: str | Path) -> Path:
@@ -150,6 +169,8 @@ def write_token_dir(corpus: Corpus, out: str | Path) -> Path:
         arr.tofile(tmp)
         os.replace(tmp, out / f"{split}.bin")
         meta[f"{split}_tokens"] = int(arr.size)
+        if getattr(corpus, f"{split}_bytes") is not None:
+            meta[f"{split}_bytes"] = getattr(corpus, f"{split}_bytes")
     tmp = out / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / META_FILE)
@@ -173,7 +194,8 @@ def read_token_dir(path: str | Path) -> Corpus:
         if n != meta.get(f"{split}_tokens"):
             raise DataError(f"{f} holds {n} tokens but {META_FILE} says {meta.get(f'{split}_tokens')}")
         splits[split] = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-    return Corpus(tokenizer, splits["train"], splits["val"], meta.get("source", str(path)))
+    return Corpus(tokenizer, splits["train"], splits["val"], meta.get("source", str(path)),
+                  meta.get("train_bytes"), meta.get("val_bytes"))
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str = "tokens") -> None:

@@ -185,6 +185,9 @@ class TorchBackend:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from e
         return meta
 
-    def sample(self, tokenizer, prompt: str, n: int) -> str:
-        """Greedy `inference` of up to `n` new tokens from `prompt` (the end-of-run sample)."""
-        return inference(self.net, tokenizer, prompt, max_length=n)
+    def sample(self, tokenizer, prompt: str, n: int, temperature: float = 0.0,
+               seed: int = 0) -> str:
+        """`inference` of up to `n` new tokens from `prompt` (the end-of-run sample): greedy, or
+        sampled at `temperature` with `seed`."""
+        return inference(self.net, tokenizer, prompt, max_length=n, temperature=temperature,
+                         seed=seed)
