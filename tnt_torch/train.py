@@ -17,7 +17,7 @@ import torch
 from tnt.checkpoint_meta import make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
-from tnt_torch import checkpoint
+from tnt_torch import checkpoint, distributed
 from tnt_torch.generate import greedy
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
 from tnt_torch.optim import TnTOptimizer
@@ -62,8 +62,12 @@ class TorchBackend:
                  compile: bool | None = None) -> None:
         configure_threads()
         self.cfg = cfg
+        if distributed.launched():  # a torchrun rank: one device per process, DDP
+            device = distributed.init_process_group()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
+        self.replica = distributed.Replica(self.net, cfg, self.device)
+        self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
         self.compiled = want_compile(compile)
@@ -73,7 +77,7 @@ class TorchBackend:
 
     def _put(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
-        for key, value in batch.items():
+        for key, value in self.replica.share(batch).items():
             check_token_ids(value, self.cfg.model.vocab_size, key)
             out[key] = torch.as_tensor(np.asarray(value, np.int64), device=self.device)
         return out
@@ -83,7 +87,7 @@ class TorchBackend:
         tensors = self._put(batch)
         if self._unproven:
             try:
-                loss, count = loss_fn(self.net, tensors)
+                loss, count = self.replica.loss(tensors)
                 loss.backward()
             except ValueError:
                 raise
@@ -93,15 +97,16 @@ class TorchBackend:
                 self.net.compile_blocks(False)
                 self.compiled = False
                 self.opt.zero_grad(set_to_none=True)
-                loss, count = loss_fn(self.net, tensors)
+                loss, count = self.replica.loss(tensors)
                 loss.backward()
             self._unproven = False
         else:
-            loss, count = loss_fn(self.net, tensors)
+            loss, count = self.replica.loss(tensors)
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "grad_norm": self.opt.last_grad_norm, "tokens": count}
+        return {"loss": self.replica.mean(loss.detach()), "grad_norm": self.opt.last_grad_norm,
+                "tokens": count}
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
@@ -111,6 +116,7 @@ class TorchBackend:
         for batch in batches:
             loss, c = loss_fn(self.net, self._put(batch))
             total, count = total + float(loss) * int(c), count + int(c)
+        total, count = self.replica.sum(total, count)  # each rank evaluated its rows
         return total / max(count, 1)
 
     @property
@@ -131,6 +137,8 @@ class TorchBackend:
     def save(self, tokenizer_spec: dict) -> None:
         if self.directory is None:
             raise RuntimeError("call open(directory, keep) before save()")
+        if not self.replica.main:  # every rank holds the same state; rank 0 writes it
+            return
         step = self.step_count
         meta = make_meta(self.name, step, self.cfg, tokenizer_spec)
         checkpoint.save(self.directory, step, to_canonical(self.net), self.opt.canonical_state(),
