@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from experiments import launch
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from experiments.dynamics import Dynamics
 from tnt.checkpoint_meta import CheckpointError, config_differences
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run directory (default runs/<backend>-<arch>-<norm>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
+    launch.add_flags(p)
     return p.parse_args(argv)
 
 
@@ -150,19 +152,21 @@ def alpha_means(backend, names: list[str]) -> dict[str, float]:
 
 
 def train(args: argparse.Namespace) -> float:
+    role = launch.start(args)
     Backend, cfg, out, ckpt_dir, meta, corpus, batches = prepare_run(args)
+    role.check(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if meta is None:
+    if meta is None and role.main:
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
         if isinstance(corpus.tokenizer, BPETokenizer):
             corpus.tokenizer.save(out / "tokenizer.json")
-    backend = Backend(cfg)
+    backend = Backend(cfg, **role.backend_kwargs)
     backend.open(ckpt_dir, cfg.train.keep_checkpoints)
     if meta is not None:
         backend.restore(ckpt_dir)
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"))
+    writer = SummaryWriter(str(out / "tb")) if role.main else launch.NullWriter()
     t, spec = cfg.train.resolved(cfg.model.norm), corpus.tokenizer.spec
     alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
     dynamics = Dynamics(cfg.model) if t.analysis_every else None
@@ -170,11 +174,12 @@ def train(args: argparse.Namespace) -> float:
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
     val_loss = float("nan")
-    bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
+               disable=not role.main)
     tick, tick_step = time.perf_counter(), start
     began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
     for step in range(start, t.max_steps):
-        metrics = backend.step(batches.train_batch(step))
+        metrics = backend.step(batches.train_batch(step, backend.rows))
         began = began or time.perf_counter()
         done = step + 1
         if done % t.log_every == 0 or done == t.max_steps:

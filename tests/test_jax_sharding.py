@@ -175,3 +175,13 @@ def test_every_parameter_has_a_rule_and_matrices_are_fsdp_sharded_on_d_model():
                 assert p[d_axis] == "fsdp", name
                 if spec.project_axis is not None:
                     assert spec.project_axis == d_axis, name
+
+
+def test_pretrain_refuses_a_bad_mesh_with_one_error_line(tmp_path, capsys):
+    from experiments.pretrain import main
+
+    out = tmp_path / "run"
+    assert main(["--preset", "cpu-tiny", "--mesh", "data=1,tensor=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: mesh") and "tensor=2" in err[0]
+    assert not out.exists()  # nothing was written

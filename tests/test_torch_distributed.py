@@ -69,3 +69,33 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert written == sorted(p.name for p in one_ckpt.iterdir()) == ["3"]
     assert sorted(p.name for p in (ddp_ckpt / "3").iterdir()) == sorted(
         p.name for p in (one_ckpt / "3").iterdir())
+
+
+def test_torchrun_pretrain_writes_once_and_resumes_in_one_process(tmp_path):
+    """`torchrun -m experiments.pretrain --backend torch`: one config, one TensorBoard file, one
+    report; its checkpoint resumes in a single process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    out = tmp_path / "run"
+    flags = ["-m", "experiments.pretrain", "--backend", "torch", "--preset", "cpu-tiny",
+             "--arch", "decoder_only", "--out", str(out), "--batch-size", "4", "--seq-len", "16",
+             "--eval-every", "2", "--set", "eval_batches=1", "--set", "sample_tokens=2"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", *flags, "--max-steps", "2"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("final val loss") == 1
+    assert len(list((out / "tb").iterdir())) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    one = subprocess.run([sys.executable, *flags, "--max-steps", "3", "--resume"], env=env,
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "steps 2->3" in one.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "3"]
+
+
+def test_mesh_flag_is_refused_for_torch(capsys):
+    from experiments.pretrain import main
+
+    assert main(["--backend", "torch", "--mesh", "data=2"]) == 2
+    assert "--mesh and --coordinator are for --backend jax" in capsys.readouterr().err
