@@ -39,6 +39,11 @@ def test_two_hosts_match_one_process(tmp_path):
     assert "TnT pretrain" not in outs[1][0] and "val loss" not in outs[1][0]
     assert len(list((tmp_path / "hosts" / "tb").iterdir())) == 1
     assert [p.name for p in (tmp_path / "hosts" / "checkpoints").iterdir()] == ["2"]
+    from tnt_jax.checkpoint import load_checkpoint
+    from tnt_torch.checkpoint import load_checkpoint as load_in_torch
+
+    for load in (load_checkpoint, load_in_torch):  # the multi-host orbax checkpoint reads anywhere
+        assert load(tmp_path / "hosts")[1].model.d_model == 64
     one = subprocess.run([*flags, "--out", str(tmp_path / "one")], cwd=root, capture_output=True,
                          text=True, timeout=400, env={
                              **env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
