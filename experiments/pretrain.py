@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from experiments import launch
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from experiments.dynamics import Dynamics
 from experiments.run_lock import RunLock
@@ -72,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run directory (default runs/<backend>-<arch>-<norm>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
+    launch.add_flags(p)
     return p.parse_args(argv)
 
 
@@ -241,30 +243,36 @@ def check_finite(done: int, metrics: dict | None, t, backend, last_saved: int | 
 
 
 def train(args: argparse.Namespace) -> float:
+    """One run; in a multi-process job (torchrun, jax.distributed) every process calls it, and
+    only the main one (`launch.Role.main`) holds the run folder's lock and writes to it."""
+    role = launch.start(args)
     lock = None
-    if args.out and Path(args.out).is_dir():  # a folder in use: name the holder before anything else
+    if role.main and args.out and Path(args.out).is_dir():  # a folder in use: name the holder first
         lock = RunLock(args.out)
         lock.acquire()
     try:
         Backend, cfg, out, ckpt_dir, meta, corpus, batches = prepare_run(args)
+        role.check(cfg)
         make_run_dir(out)
-        if lock is None:
-            lock = RunLock(out)
-            lock.acquire()
-        lock.record()
-        return _train_locked(args, Backend, cfg, out, ckpt_dir, meta, corpus, batches)
+        if role.main:
+            if lock is None:
+                lock = RunLock(out)
+                lock.acquire()
+            lock.record()
+        return _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(args, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> float:
-    remove_stale_temp(ckpt_dir)
-    if meta is None:
+def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> float:
+    if role.main:
+        remove_stale_temp(ckpt_dir)
+    if meta is None and role.main:
         if isinstance(corpus.tokenizer, BPETokenizer):
             corpus.tokenizer.save(out / "tokenizer.json")
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    backend = Backend(cfg)
+    backend = Backend(cfg, **role.backend_kwargs)
     last_saved = None
     if meta is not None:
         last_saved = restore_latest(backend, ckpt_dir)["step"]
@@ -274,10 +282,10 @@ def _train_locked(args, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> f
     start = backend.step_count
     # Events of an earlier attempt after the step we start from are superseded (TensorBoard's
     # purge step), so every step shows once; one event file per process.
-    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if (out / "tb").is_dir() else None,
-                           filename_suffix=f".{os.getpid()}")
+    writer = (SummaryWriter(str(out / "tb"), purge_step=start + 1 if (out / "tb").is_dir() else None,
+                            filename_suffix=f".{os.getpid()}") if role.main else launch.NullWriter())
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
-               mininterval=1.0)
+               mininterval=1.0, disable=not role.main)
     try:
         return _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
                      last_saved)
@@ -300,7 +308,7 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
     tick, tick_step = time.perf_counter(), start
     began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
     for step in range(start, t.max_steps):
-        metrics = backend.step(batches.train_batch(step))
+        metrics = backend.step(batches.train_batch(step, backend.rows))
         began = began or time.perf_counter()
         done = step + 1
         last = done == t.max_steps

@@ -114,7 +114,7 @@ def test_torch_microbatch_gradients_equal_the_big_batch():
     grads = {}
     for n in (1, 2, 4):
         backend.net.zero_grad(set_to_none=True)
-        loss, count = accumulate_grads(backend.net, batch, n)
+        loss, count = accumulate_grads(backend.replica, batch, n)
         grads[n] = (float(loss), int(count),
                     {k: p.grad.clone() for k, p in backend.net.named_parameters()})
     loss1, count1, g1 = grads[1]

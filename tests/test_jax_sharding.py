@@ -1,4 +1,9 @@
-"""Data parallelism through jax.sharding: a step on a 2-device mesh equals the 1-device step."""
+"""tnt_jax.sharding: the same numbers on any (data, fsdp, tensor) mesh as on one device, really
+sharded parameters and Adam moments, checkpoints across mesh shapes, bad meshes refused.
+
+The mesh runs share one subprocess with 8 forced CPU devices (each JAX start and compile costs
+seconds); the mesh validation is pure and runs in this process.
+"""
 
 import json
 import os
@@ -6,41 +11,177 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import pytest
+
+from tnt.config import ConfigError, build_run_config
+from tnt_jax.sharding import MeshShape, check_fits, partition_spec
+
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, sys, tempfile
     import jax, numpy as np
-    from jax.sharding import Mesh
     from tnt.config import build_run_config
     from tnt.data import BatchSpec
+    from tnt.params import param_specs
+    from tnt_jax import sharding as sh
     from tnt_jax.train import JaxBackend
 
-    cfg = build_run_config("cpu-tiny", sets=["seq_len=8", "batch_size=4"])
-    spec = BatchSpec(cfg.model.arch, 4, 8, 8, cfg.model.bos_id)
-    windows = np.random.default_rng(0).integers(3, 259, (4, spec.window))
-    out = {"devices": jax.device_count()}
-    for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
-        backend = JaxBackend(cfg, Mesh(np.array(devices), ("data",)))
-        for _ in range(2):
-            m = backend.step(spec.make(windows))
-        out[name] = {"loss": float(m["loss"]),
-                     "params": {k: v.tolist() for k, v in backend.arrays(
-                         ["decoder.layers.0.attn.wq", "s_z"]).items()},
-                     "shards": len(backend.state.params["s_z"].sharding.device_set)}
+    cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only", "seq_len=8", "batch_size=8"])
+    spec = BatchSpec(cfg.model.arch, 8, 8, 8, cfg.model.bos_id)
+    rng = np.random.default_rng(0)
+    batches = [spec.make(rng.integers(3, 259, (8, spec.window))) for _ in range(4)]
+    specs = param_specs(cfg.model)
+    out, backends = {"devices": jax.device_count()}, {}
+    for text in ("one", "data=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2"):
+        devices = jax.devices()[:1] if text == "one" else None
+        shape = sh.MeshShape.parse("" if text == "one" else text, 1 if devices else 8)
+        b = backends[text] = JaxBackend(cfg, sh.build_mesh(shape, devices))
+        losses = [float(b.step(x)["loss"]) for x in batches[:3]]
+        params = {k: sh.to_numpy(v) for k, v in b.state.params.items()}
+        norms = [float(np.max(np.abs(np.linalg.norm(params[n].astype(np.float64),
+                                                    axis=s.project_axis) - 1)))
+                 for n, s in specs.items() if s.project_axis is not None]
+        out[text] = {"losses": losses, "params": {k: v.tolist() for k, v in params.items()},
+                     "sphere": max(norms),
+                     "param_bytes": max(sh.bytes_per_device(b.state.params).values()),
+                     "opt_bytes": max(sh.bytes_per_device(b.state.opt_state).values())}
+    # Checkpoint across mesh shapes: written on 2x4x1, restored on one device and on 2x2x2.
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = backends["data=2,fsdp=4"]
+        writer.open(tmp, 2)
+        writer.save({"kind": "byte"})
+        writer.wait()
+        saved = jax.tree.map(sh.to_numpy, writer.state._asdict())
+        for text in ("one", "data=2,fsdp=2,tensor=2"):
+            b = backends[text]
+            b.restore(tmp)
+            got = jax.tree.map(sh.to_numpy, b.state._asdict())
+            same = jax.tree.all(jax.tree.map(np.array_equal, saved, got))
+            kept = b.state.params["decoder.layers.0.mlp.w_in"].sharding.spec
+            out[text]["restored"] = {"same": bool(same), "step": b.step_count, "spec": list(kept),
+                                     "next_loss": float(b.step(batches[3])["loss"])}
     json.dump(out, sys.stdout)
 """)
 
 
-def test_data_parallel_step_matches_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+@pytest.fixture(scope="module")
+def runs():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
-    assert out["devices"] == 2 and out["all"]["shards"] == 2 and out["one"]["shards"] == 1
-    assert abs(out["one"]["loss"] - out["all"]["loss"]) < 1e-5
-    import numpy as np
+    return json.loads(proc.stdout)
 
-    for name, value in out["one"]["params"].items():
-        np.testing.assert_allclose(out["all"]["params"][name], value, atol=2e-6, err_msg=name)
+
+# fp32 tolerance: a mesh only reorders float32 sums (the cross entropy over B*L*V terms, the
+# weight gradients over B*L rows, the unit-norm reductions over d). Each reordered sum moves by a
+# few ulps relative (2^-24 ~ 6e-8) times the depth of its reduction tree; Adam divides the
+# gradient by its own magnitude, so a parameter moves by lr times that relative error per step.
+# Over 3 steps of lr ~1e-3 on entries of size ~0.1-1 this stays far below 1e-5, the issue's bound,
+# which the test uses for losses and parameters alike.
+TOL = 1e-5
+MESHES = ("data=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2")
+
+
+def test_every_mesh_matches_one_device(runs):
+    assert runs["devices"] == 8
+    one = runs["one"]
+    for mesh in MESHES:
+        np.testing.assert_allclose(runs[mesh]["losses"], one["losses"], rtol=0, atol=TOL,
+                                   err_msg=mesh)
+        for name, value in one["params"].items():
+            np.testing.assert_allclose(runs[mesh]["params"][name], value, rtol=0, atol=TOL,
+                                       err_msg=f"{mesh}: {name}")
+
+
+def test_matrices_stay_on_the_sphere_on_every_mesh(runs):
+    for mesh in ("one", *MESHES):
+        assert runs[mesh]["sphere"] < 1e-5, mesh  # | ||w|| - 1 | of every projected matrix
+
+
+def test_fsdp_divides_the_per_device_bytes(runs):
+    """2x4x1: every matrix holds 1/4 of its rows on each device, vectors are whole; Adam's two
+    moments follow the parameters."""
+    cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only"]).model
+    from tnt.params import param_specs
+
+    specs = param_specs(cfg).values()
+    matrices = sum(4 * int(np.prod(s.shape)) for s in specs if s.is_matrix)
+    vectors = sum(4 * int(np.prod(s.shape)) for s in specs if not s.is_matrix)
+    fsdp = runs["data=2,fsdp=4"]
+    assert fsdp["param_bytes"] == matrices // 4 + vectors
+    assert runs["data=8"]["param_bytes"] == matrices + vectors
+    assert fsdp["param_bytes"] < 0.4 * runs["data=8"]["param_bytes"]
+    # mu and nu take the params' shardings; the rest (step counters) is a few scalars.
+    assert 2 * fsdp["param_bytes"] <= fsdp["opt_bytes"] <= 2 * fsdp["param_bytes"] + 64
+
+
+def test_checkpoint_restores_across_mesh_shapes(runs):
+    """Saved on 2x4x1, restored bit for bit on one device and on 2x2x2 (keeping the target mesh's
+    sharding); the next step then agrees across the two."""
+    one, tp = runs["one"]["restored"], runs["data=2,fsdp=2,tensor=2"]["restored"]
+    assert one["same"] and tp["same"] and one["step"] == tp["step"] == 3
+    assert tp["spec"] == ["fsdp", "tensor"]
+    assert abs(one["next_loss"] - tp["next_loss"]) < TOL
+
+
+@pytest.mark.parametrize("text, words", [
+    ("data=2,fsdp=2", ["uses 4 devices", "8 are available"]),
+    ("data=2,pipeline=4", ["unknown mesh axis 'pipeline'"]),
+    ("fsdp=3", ["fsdp x tensor = 3", "data"]),
+    ("data=8,data=1", ["data is given twice"]),
+    ("data=x", ["data needs an integer"]),
+    ("data=0,fsdp=8", ["data must be a positive integer"]),
+])
+def test_bad_mesh_text_is_refused_naming_the_axis(text, words):
+    with pytest.raises(ConfigError) as e:
+        MeshShape.parse(text, 8)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_default_mesh_puts_every_device_on_data():
+    assert MeshShape.parse("", 8) == MeshShape(8, 1, 1)
+    assert MeshShape.parse("tensor=2", 8) == MeshShape(4, 1, 2)
+
+
+@pytest.mark.parametrize("shape, sets, words", [
+    (MeshShape(2, 1, 4), ["n_heads=2"], ["tensor=4", "n_heads=2"]),
+    (MeshShape(1, 1, 2), ["n_heads=2", "mlp_hidden=129"], ["tensor=2", "hidden=129"]),
+    (MeshShape(1, 3, 1), ["d_model=64", "n_heads=2"], ["fsdp=3", "d_model=64"]),
+    (MeshShape(2, 2, 1), ["batch_size=6"], ["batch_size=6", "data x fsdp = 2 x 2"]),
+    (MeshShape(2, 2, 1), ["batch_size=8", "grad_accum=4"], ["grad_accum=4", "data x fsdp"]),
+])
+def test_meshes_the_model_cannot_split_over_are_refused(shape, sets, words):
+    cfg = build_run_config("cpu-tiny", sets=sets)
+    with pytest.raises(ConfigError) as e:
+        check_fits(shape, cfg)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_every_parameter_has_a_rule_and_matrices_are_fsdp_sharded_on_d_model():
+    from tnt.params import param_specs
+
+    for norm in ("ngpt", "rmsnorm"):
+        cfg = build_run_config("cpu-tiny", sets=[f"norm={norm}"]).model
+        for name, spec in param_specs(cfg).items():
+            p = partition_spec(name)
+            assert len(p) == len(spec.shape), name
+            if spec.is_matrix:  # the d_model axis (nGPT's projection axis) is the fsdp one
+                d_axis = 1 if name.endswith((".wo", ".w_out", ".embed")) else 0
+                assert p[d_axis] == "fsdp", name
+                if spec.project_axis is not None:
+                    assert spec.project_axis == d_axis, name
+
+
+def test_pretrain_refuses_a_bad_mesh_with_one_error_line(tmp_path, capsys):
+    from experiments.pretrain import main
+
+    out = tmp_path / "run"
+    assert main(["--preset", "cpu-tiny", "--mesh", "data=1,tensor=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: mesh") and "tensor=2" in err[0]
+    assert not out.exists()  # nothing was written

@@ -262,10 +262,12 @@ class Batches:
     def _take(self, stream: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
         return self.spec.make(np.asarray(stream[starts[:, None] + self._offsets]))
 
-    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    def train_batch(self, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """The global batch of `step`, or only its `rows` (a process's share in a distributed
+        run: the same rows of the same batch, and only those are read from the stream)."""
         rng = np.random.default_rng((self.seed, step))
         starts = rng.integers(0, len(self.train) - self.spec.window + 1, self.spec.batch_size)
-        return self._take(self.train, starts)
+        return self._take(self.train, starts[rows])
 
     def eval_batches(self, n: int) -> Iterator[dict[str, np.ndarray]]:
         """`n` batches of windows spread evenly over the val stream (the same every time)."""

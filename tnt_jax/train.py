@@ -2,9 +2,9 @@
 
 The train state is a plain pytree: the canonical flat parameter dict, the optax state and the
 step. `train_step` (loss, grads accumulated over `grad_accum` microbatches, clip, Adam, eigen
-LRs, schedule, projection) is one compiled function of (state, batch); the batch is sharded over
-a 1-D `data` mesh of all local devices and the parameters are replicated (data parallelism
-through `jax.sharding`).
+LRs, schedule, projection) is one compiled function of (state, batch). Where each array lives on
+the `(data, fsdp, tensor)` mesh is `tnt_jax.sharding`'s business (default: every device on
+`data`, parameters replicated).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tnt import checkpoint_io
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
-from tnt_jax import checkpoint
+from tnt_jax import checkpoint, sharding
 from tnt_jax.generate import inference
 from tnt_jax.model import TnT, loss_fn, merge_params, split_params
 from tnt_jax.optim import build_optimizer, convert_adam_moments
@@ -80,8 +80,10 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_ac
     return total * scale, count, jax.tree.map(lambda g: g * scale, grads)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int = 1):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int = 1,
+                    state_sharding: TrainState | None = None):
     """One optimizer step as a pure function, compiled once; the old state's buffers are donated.
+    With `state_sharding` the new state is pinned to it (parameters and moments stay sharded).
 
     With `grad_accum` > 1 the batch is split into microbatches inside the compiled step
     (`accumulated_grads`); clipping, the eigen LRs and the projection (all in `tx`) then see the
@@ -90,7 +92,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
 
-    @partial(jax.jit, donate_argnums=0)
+    @partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None))
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rows = batch["labels"].shape[0]
         if rows % grad_accum:
@@ -113,10 +115,6 @@ def make_eval_step(graphdef: nnx.GraphDef):
     return eval_step
 
 
-def data_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("data",))
-
-
 class JaxBackend:
     """What `experiments.pretrain` needs from a framework: init, step, evaluate, save, restore."""
 
@@ -124,25 +122,37 @@ class JaxBackend:
 
     def __init__(self, cfg: RunConfig, mesh: Mesh | None = None) -> None:
         self.cfg = cfg
-        self.mesh = mesh or data_mesh()
-        n, accum = self.mesh.devices.size, cfg.train.grad_accum
-        if cfg.train.batch_size % (n * accum):
-            raise ValueError(f"batch_size={cfg.train.batch_size} is not divisible by the "
-                             f"{n} devices of the data mesh times grad_accum={accum}")
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.mesh = mesh or sharding.build_mesh(sharding.MeshShape.parse("", jax.device_count()))
+        sharding.check_fits(sharding.mesh_shape(self.mesh), cfg)
         model = TnT(cfg.model, nnx.Rngs(params=cfg.train.seed))
         self.graphdef, params = split_params(model)
         self.tx = build_optimizer(cfg.model, cfg.train)
-        state = TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32))
-        self.state = jax.device_put(state, self.replicated)
-        self._train_step = make_train_step(self.graphdef, self.tx, cfg.train.grad_accum)
+        self.state_sharding = self._shardings(params)
+        params = jax.device_put(params, self.state_sharding.params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
+        self.state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32),
+                                                                  self.state_sharding.step))
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.rows = sharding.local_rows(self.batch_sharding, cfg.train.batch_size)
+        self._train_step = make_train_step(self.graphdef, self.tx, cfg.train.grad_accum,
+                                           self.state_sharding)
         self._eval_step = make_eval_step(self.graphdef)
 
+    def _shardings(self, params: dict[str, jax.Array]) -> TrainState:
+        by_name = sharding.param_shardings(self.mesh, self.cfg.model)
+        return TrainState(by_name, sharding.opt_state_shardings(self.mesh, self.tx, params, by_name),
+                          NamedSharding(self.mesh, P()))
+
     def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch, or this process's `self.rows` of one, as sharded global arrays."""
+        rows = len(next(iter(batch.values())))
+        if jax.process_count() > 1:  # several hosts: each holds only its rows of the global batch
+            if rows == self.cfg.train.batch_size:
+                batch = {k: v[self.rows] for k, v in batch.items()}
+            rows = self.cfg.train.batch_size
         for key, value in batch.items():
             check_token_ids(value, self.cfg.model.vocab_size, key)
-        return jax.device_put(batch, self.batch_sharding)
+        return sharding.put_batch(batch, self.batch_sharding, rows)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         self.state, metrics = self._train_step(self.state, self._put(batch))
@@ -161,7 +171,7 @@ class JaxBackend:
 
     def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         """Some parameters as numpy (e.g. the alphas for logging)."""
-        return {n: np.asarray(self.state.params[n]) for n in names}
+        return {n: sharding.to_numpy(self.state.params[n]) for n in names}
 
     def model(self) -> TnT:
         return merge_params(self.graphdef, self.state.params)

@@ -19,7 +19,7 @@ from tnt import checkpoint_io
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import RunConfig
 from tnt.data import check_token_ids
-from tnt_torch import checkpoint
+from tnt_torch import checkpoint, distributed
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
 from tnt_torch.optim import TnTOptimizer
@@ -58,30 +58,28 @@ def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch
     return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
 
 
-def accumulate_grads(net: torch.nn.Module, batch: dict[str, torch.Tensor],
+def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor],
                      grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of the global batch in `grad_accum` microbatches; returns the global
-    (loss, label tokens) and leaves the global batch's gradient in `.grad`.
+    """Forward and backward of this process's rows of the global batch in `grad_accum`
+    microbatches; returns the global (loss, label tokens) and leaves the global batch's gradient
+    in `.grad` (on every rank, after DDP's all-reduce).
 
-    The loss is the mean over the non-pad labels of the WHOLE batch, so each microbatch's mean is
-    weighted by its share of the tokens (count_i / count) before its backward: the summed
-    gradients are then those of one big batch (the mirror of `tnt_jax.train.accumulated_grads`).
+    The loss is the mean over the non-pad labels of the WHOLE global batch, so each microbatch's
+    mean is weighted by its share of the global tokens (`Replica.weight`) before its backward: the
+    summed gradients are then those of one big batch (the mirror of
+    `tnt_jax.train.accumulated_grads`). Under DDP only the last microbatch's backward
+    all-reduces (`Replica.sync`); the earlier ones accumulate locally.
     """
-    if grad_accum == 1:
-        loss, count = loss_fn(net, batch)
-        loss.backward()
-        return loss.detach(), count
     parts = microbatches(batch, grad_accum)
-    pad = net.cfg.pad_id
-    count = (batch["labels"] != pad).sum()
-    total = count.clamp_min(1).to(torch.float32)
+    count = replica.global_count(batch)
     loss = torch.zeros((), dtype=torch.float32, device=count.device)
-    for micro in parts:
-        part, part_count = loss_fn(net, micro)
-        weighted = part * (part_count / total)
-        weighted.backward()
+    for i, micro in enumerate(parts):
+        with replica.sync(i == len(parts) - 1):
+            part, part_count = loss_fn(replica.forward, micro)
+            weighted = part * replica.weight(part_count, count)
+            weighted.backward()
         loss += weighted.detach()
-    return loss, count
+    return replica.mean(loss), count
 
 
 class TorchBackend:
@@ -99,8 +97,12 @@ class TorchBackend:
                  compile: bool | None = None) -> None:
         configure_threads()
         self.cfg = cfg
+        if distributed.launched():  # a torchrun rank: one device per process, DDP
+            device = distributed.init_process_group()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
+        self.replica = distributed.Replica(self.net, cfg, self.device)
+        self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
         self.compiled = want_compile(compile)
@@ -110,7 +112,7 @@ class TorchBackend:
 
     def _put(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
-        for key, value in batch.items():
+        for key, value in self.replica.share(batch).items():
             check_token_ids(value, self.cfg.model.vocab_size, key)
             out[key] = torch.as_tensor(np.asarray(value, np.int64), device=self.device)
         return out
@@ -121,7 +123,7 @@ class TorchBackend:
         accum = self.cfg.train.grad_accum
         if self._unproven:
             try:
-                loss, count = accumulate_grads(self.net, tensors, accum)
+                loss, count = accumulate_grads(self.replica, tensors, accum)
             except ValueError:
                 raise
             except Exception as e:  # inductor/dynamo failures come in many types
@@ -130,10 +132,10 @@ class TorchBackend:
                 self.net.compile_blocks(False)
                 self.compiled = False
                 self.opt.zero_grad(set_to_none=True)
-                loss, count = accumulate_grads(self.net, tensors, accum)
+                loss, count = accumulate_grads(self.replica, tensors, accum)
             self._unproven = False
         else:
-            loss, count = accumulate_grads(self.net, tensors, accum)
+            loss, count = accumulate_grads(self.replica, tensors, accum)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": self.opt.last_grad_norm, "tokens": count}
@@ -146,6 +148,7 @@ class TorchBackend:
         for batch in batches:
             loss, c = loss_fn(self.net, self._put(batch))
             total, count = total + float(loss) * int(c), count + int(c)
+        total, count = self.replica.sum(total, count)  # each rank evaluated its rows
         return total / max(count, 1)
 
     @property
@@ -166,6 +169,8 @@ class TorchBackend:
     def save(self, tokenizer_spec: dict) -> None:
         if self.directory is None:
             raise RuntimeError("call open(directory, keep) before save()")
+        if not self.replica.main:  # every rank holds the same state; rank 0 writes it
+            return
         step = self.step_count
         meta = make_meta(self.name, step, self.cfg, tokenizer_spec)
         checkpoint.save(self.directory, step, to_canonical(self.net), self.opt.canonical_state(),

@@ -1,0 +1,116 @@
+"""Data parallelism for the torch backend: one process per device under `torchrun`, the model
+wrapped in `DistributedDataParallel` (gloo on the CPU, NCCL on GPUs). docs/design.md, "Sharding".
+
+Each rank reads its own rows of every global batch (`rows`, a contiguous share; the batch is
+still a pure function of `(seed, step)`). The loss each rank differentiates is rescaled so that
+DDP's gradient *average* is the gradient of the global batch's token mean, also when the ranks'
+shares hold different numbers of non-pad labels: rank r backpropagates
+`loss_r * count_r * world / total`, whose average over ranks is `sum_r nll_r / total`. After the
+all-reduce every rank holds the same gradient, so every rank clips, steps and applies the unit-norm
+projection identically; only rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tnt.config import ConfigError, RunConfig
+from tnt_torch.model import TnT
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_process_group() -> torch.device:
+    """Join the torchrun job (idempotent); returns this rank's device."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+class _Forward:
+    """What `loss_fn` calls: the DDP wrapper's forward, with the model's config."""
+
+    def __init__(self, ddp: DistributedDataParallel, cfg) -> None:
+        self.ddp, self.cfg = ddp, cfg
+
+    def __call__(self, *args):
+        return self.ddp(*args)
+
+
+class Replica:
+    """This process's part in a data-parallel run (one process alone: rank 0 of 1, no wrapper)."""
+
+    def __init__(self, net: TnT, cfg: RunConfig, device: torch.device) -> None:
+        self.net, self.cfg, self.device = net, cfg, device
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        rows = cfg.train.batch_size // cfg.train.grad_accum
+        if rows % self.world:
+            raise ConfigError(f"the batch of {rows} rows (batch_size={cfg.train.batch_size} / "
+                              f"grad_accum={cfg.train.grad_accum}) does not split over "
+                              f"{self.world} ranks")
+        share = cfg.train.batch_size // self.world
+        self.rows = slice(self.rank * share, (self.rank + 1) * share)
+        self.forward = net
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward = _Forward(DistributedDataParallel(net, device_ids=ids), net.cfg)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: dict) -> dict:
+        """This rank's rows of a global batch (a batch of `rows` already is one)."""
+        n = len(next(iter(batch.values())))
+        if self.world == 1 or n != self.cfg.train.batch_size:
+            return batch
+        return {k: v[self.rows] for k, v in batch.items()}
+
+    def global_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The non-pad labels of the whole global batch (all ranks' rows)."""
+        total = (batch["labels"] != self.net.cfg.pad_id).sum()
+        if self.world > 1:
+            dist.all_reduce(total)
+        return total
+
+    def weight(self, count: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """The factor that turns a mean over `count` of this rank's labels into its share of the
+        global token mean, as DDP's gradient *average* over ranks sees it (see the module doc)."""
+        return count * self.world / total.clamp_min(1).to(torch.float32)
+
+    def sync(self, last: bool):
+        """A context for one backward: DDP all-reduces only when `last` (gradient accumulation's
+        earlier microbatches accumulate locally, `no_sync`)."""
+        if self.world == 1 or last:
+            return contextlib.nullcontext()
+        return self.forward.ddp.no_sync()
+
+    def mean(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global batch's mean loss from the rescaled per-rank losses (for logging)."""
+        if self.world == 1:
+            return loss
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        return loss / self.world
+
+    def sum(self, *values: float) -> tuple[float, ...]:
+        """Sums over the ranks of a few float64 numbers (e.g. an evaluation's loss and tokens)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return tuple(t.tolist())
