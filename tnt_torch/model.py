@@ -21,6 +21,7 @@ from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
 from tnt.rope import reference_swap_table, rotate_half_tables
+from tnt_torch.distributed import full, like, local
 
 
 class _L2Norm(torch.autograd.Function):
@@ -364,7 +365,9 @@ class Stack(nn.Module):
         compiled = self.compiled and torch.is_grad_enabled()
         remat = self.remat and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            call = layer if compiled else layer.forward
+            # `layer(...)` runs the module hooks (FSDP2 gathers the block's shards there); only
+            # a compiled block's no-grad calls go around its compiled `_call_impl`
+            call = layer if compiled or not self.compiled else layer.forward
             args = (h, self_mask, rope, enc, cross_mask, positions, None if cache is None else cache[i])
             if remat:  # remat="block": the backward recomputes the block from its input
                 h, _ = checkpoint(call, *args, use_reentrant=False)
@@ -542,17 +545,18 @@ def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
 def to_canonical(model: TnT) -> dict[str, np.ndarray]:
     """The canonical flat dict of docs/design.md, in `param_specs` order: float32 numpy copies,
-    `[in, out]` layout."""
+    `[in, out]` layout (FSDP2 shards gathered: a collective, every rank calls it)."""
     named = dict(model.named_parameters())
-    return {n: named[n].detach().to("cpu", torch.float32).numpy().copy()
+    return {n: full(named[n].detach()).to("cpu", torch.float32).numpy().copy()
             for n in param_specs(model.cfg)}
 
 
 def load_canonical(model: TnT, params: dict[str, np.ndarray]) -> TnT:
-    """Copy a canonical dict into `model` in place, after checking every name and shape."""
+    """Copy a canonical dict into `model` in place, after checking every name and shape (an FSDP2
+    rank keeps its shard of each)."""
     check_canonical(params, model.cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             value = torch.as_tensor(np.array(params[name], dtype=np.float32, copy=True))
-            p.copy_(value)
+            local(p).copy_(local(like(value, p)))
     return model
