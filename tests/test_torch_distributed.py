@@ -135,6 +135,11 @@ FSDP_SCRIPT = textwrap.dedent("""
         vals.append(backend.evaluate(iter(batches[:2])))
         backend.open(ckpt, 2)
         backend.save({"kind": "byte"})
+        from tnt_torch.distributed import local
+        ps = list(backend.net.parameters())  # what this rank holds: parameters, Adam's moments
+        held = [sum(local(p).numel() for p in ps),
+                sum(local(backend.opt.state[p]["exp_avg_sq"]).numel() for p in ps)]
+        vals.append(held)  # compared separately
         dump(backend, "fresh", losses, vals)
     if resume != "-":  # resume another launch's step 3 and take steps 4 and 5
         backend = TorchBackend(cfg, compile=False)
@@ -182,8 +187,13 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     fsdp, fsdp_ckpt = _launch(torchrun, tmp_path, "fsdp", resume=one_ckpt)
     # fp32 tolerance as in the DDP test: partial sums in another order, Adam-normalized steps
+    held = {name: run["fresh"]["vals"].pop() for name, run in (("one", one), ("fsdp", fsdp))}
     _close(fsdp["fresh"], one["fresh"], 1e-5)
+    # rank 0 holds its dim-0 share (1/2, rounded up) of every parameter and Adam moment
     specs = param_specs(build_run_config("cpu-tiny", sets=["arch=decoder_only"]).model)
+    total = sum(int(np.prod(s.shape)) for s in specs.values())
+    share = sum(-(-s.shape[0] // 2) * int(np.prod(s.shape[1:])) for s in specs.values())
+    assert held["one"] == [total, total] and held["fsdp"] == [share, share] and share < 0.51 * total
     projected = {n: s.project_axis for n, s in specs.items() if s.project_axis is not None}
     assert {"lm_head", "decoder.layers.0.attn.wq", "decoder.layers.0.mlp.w_out"} <= projected.keys()
     for name, axis in projected.items():

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -75,12 +75,24 @@ def like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def shard(net: TnT) -> TnT:
     """FSDP2: each block is one all-gather unit, the root holds the embeddings, lm_head and s_z;
-    `fully_shard` turns the parameters into DTensors sharded on dim 0, in place."""
+    `fully_shard` turns the parameters into DTensors sharded on dim 0, in place. No module keeps
+    weights derived from gathered parameters (`tnt_torch.model._derived`'s cache)."""
+    for module in net.modules():
+        module.cache_derived = False
     for stack in (net.encoder, net.decoder):
         for layer in ([] if stack is None else stack.layers):
             fully_shard(layer)
     fully_shard(net)
     return net
+
+
+def reshard(net: TnT) -> None:
+    """Register the sharded parameters again after a forward without backward (evaluation): the
+    root keeps its gathered parameters after its forward, expecting the backward, so until then
+    `named_parameters` would name whole plain tensors, not the optimizer's DTensors."""
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextlib.contextmanager

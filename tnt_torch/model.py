@@ -159,8 +159,10 @@ class DecodeCache:
 def _derived(module: nn.Module, name: str, fn, *params: torch.Tensor) -> torch.Tensor:
     """`fn()`, a tensor computed from `params` (a fused or scaled weight), kept on `module` and
     reused while no gradient is recorded and the parameters are unchanged (same storage and
-    version counter): decoding calls each layer once per token with the same weights."""
-    if torch.is_grad_enabled():
+    version counter): decoding calls each layer once per token with the same weights. Not under
+    FSDP2 (`tnt_torch.distributed.shard` sets `cache_derived = False`): it gathers parameters into
+    reused storage with their version counters preserved, so the key cannot see a new step."""
+    if torch.is_grad_enabled() or not module.__dict__.get("cache_derived", True):
         return fn()
     key = [(p._version, p.data_ptr()) for p in params]
     hit = module.__dict__.get(f"_derived_{name}")

@@ -148,6 +148,8 @@ class TorchBackend:
         for batch in batches:
             loss, c = loss_fn(self.net, self._put(batch))
             total, count = total + float(loss) * int(c), count + int(c)
+        if self.replica.fsdp:
+            distributed.reshard(self.net)
         total, count = self.replica.sum(total, count)  # each rank evaluated its rows
         return total / max(count, 1)
 
