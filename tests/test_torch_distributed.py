@@ -225,3 +225,18 @@ def test_fsdp_needs_several_ranks(capsys, tmp_path):
                  "--set", "fsdp=true"]) == 2
     assert "fsdp=true shards over the ranks of a multi-process run" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_takes_fsdp_from_its_own_command_line():
+    """fsdp says how a launch spreads the steps: an FSDP2 run resumes in one process (or under
+    DDP) without --set fsdp=false, and a one-process run resumes under FSDP2."""
+    import dataclasses
+
+    from experiments.pretrain import parse_args, resume_config
+    from tnt.config import build_run_config
+
+    saved = build_run_config("cpu-tiny", sets=["fsdp=true"])
+    flags = ["--backend", "torch", "--resume", "--out", "run"]
+    assert resume_config(saved, parse_args(flags)).train.fsdp is False
+    plain = dataclasses.replace(saved, train=dataclasses.replace(saved.train, fsdp=False))
+    assert resume_config(plain, parse_args([*flags, "--set", "fsdp=true"])).train.fsdp is True

@@ -106,6 +106,10 @@ class TorchBackend:
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
         self.compiled = want_compile(compile)
+        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
+            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
+                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
+            self.compiled = False
         self._unproven = self.compiled  # the first compiled step may still fall back
         if self.compiled:
             self.net.compile_blocks()
@@ -163,6 +167,7 @@ class TorchBackend:
         return {n: distributed.full(named[n].detach()).cpu().numpy().copy() for n in names}
 
     def model(self) -> TnT:
+        """The trained module (under FSDP2 its parameters are this rank's shards)."""
         return self.net
 
     def open(self, directory, keep: int) -> None:
