@@ -22,14 +22,6 @@ from tnt.checkpoint_meta import KILL_ENV
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
-    return str(root)
-
-
 def args(backend, corpus, out, *extra):
     return ["--backend", backend, "--preset", "cpu-tiny", "--data", corpus, "--out", str(out),
             "--max-steps", "6", "--eval-every", "3", "--ckpt-every", "3", "--seq-len", "16",

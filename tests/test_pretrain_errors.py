@@ -18,14 +18,6 @@ from tnt.checkpoint_io import CheckpointFallback, committed, read_canonical
 BACKENDS = ["jax", "torch"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 30)
-    return str(root)
-
-
 def args(backend, corpus, out, *extra):
     return ["--backend", backend, "--preset", "cpu-tiny", "--data", corpus, "--out", str(out),
             "--max-steps", "3", "--eval-every", "3", "--ckpt-every", "3", "--seq-len", "16",

@@ -87,7 +87,8 @@ def _generate_cached(model: TnT, batch: Batch, sampling: Sampling, want_logits: 
     for t in range(1, batch.n_new):
         if bool(done.all()):
             break
-        logits, cache = model.extend(tok[:, None], (lengths + t - 1)[:, None], cache)
+        logits, cache = model.extend(tok[:, None], (lengths + t - 1)[:, None], cache,
+                                     check_ids=False)  # ids the model chose
         logits = logits[:, 0]
         tok = torch.where(done, cfg.pad_id, _choose(logits, sampling, gen, cfg.pad_id))
         out[:, t] = tok

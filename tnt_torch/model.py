@@ -31,8 +31,7 @@ class _L2Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        r = torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min_(1e-12).reciprocal_()
-        y = x * r
+        y, r = _l2norm_value(x, dim)
         ctx.save_for_backward(y, r)
         ctx.dim = dim
         return y
@@ -45,12 +44,21 @@ class _L2Norm(torch.autograd.Function):
         return g.addcmul(y, dot, value=-1).mul_(r), None
 
 
+def _l2norm_value(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min_(1e-12).reciprocal_()
+    return x * r, r
+
+
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """`x / max(||x||, 1e-12)` along `dim`, F.normalize's definition (tnt_jax.model.l2norm is the
     same); equal to it up to float rounding, and several times faster forward and backward.
     Computed and returned in float32 whatever the compute dtype (docs/design.md, "Compute
-    dtype")."""
-    return _L2Norm.apply(_at_least_float32(x), dim)
+    dtype"). Without autograd (decoding) the same arithmetic runs without the Function's
+    bookkeeping."""
+    x = _at_least_float32(x)
+    if not torch.is_grad_enabled():
+        return _l2norm_value(x, dim)[0]
+    return _L2Norm.apply(x, dim)
 
 
 def project(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,8 +92,8 @@ class _UnitNorm(torch.autograd.Function):
 
 def unit_norm(h: torch.Tensor) -> torch.Tensor:
     """`norm(h)` over the last axis for a unit-norm `h` (see `_UnitNorm`; tnt_jax.model.unit_norm
-    is the same)."""
-    return _UnitNorm.apply(h)
+    is the same). Without autograd it is `h` itself."""
+    return _UnitNorm.apply(h) if torch.is_grad_enabled() else h
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -334,16 +342,18 @@ class Block(nn.Module):
         """Returns (h, cache); `cache` is (self-attention's, cross-attention's) or None."""
         self_cache, cross_cache = (None, None) if cache is None else cache
         h = self._residual(h, self.attn, "attn_norm",
-                           lambda x: self.attn(x, x, self_mask, rope, positions, self_cache)[0])
+                           lambda x: self.attn.forward(x, x, self_mask, rope, positions,
+                                                         self_cache)[0])
         if self.cross is not None:
             h = self._residual(h, self.cross, "cross_norm",
-                               lambda x: self.cross(x, enc, cross_mask, cache=cross_cache)[0])
-        return self._residual(h, self.mlp, "mlp_norm", self.mlp), cache
+                               lambda x: self.cross.forward(x, enc, cross_mask,
+                                                                cache=cross_cache)[0])
+        return self._residual(h, self.mlp, "mlp_norm", self.mlp.forward), cache
 
     def _residual(self, h, sub: nn.Module, norm_name: str, fn) -> torch.Tensor:
         if self.ngpt:
             return l2norm(torch.lerp(unit_norm(h), l2norm(fn(h)), sub.alpha.abs()))
-        return h + fn(getattr(self, norm_name)(h))
+        return h + fn(getattr(self, norm_name).forward(h))
 
 
 class Stack(nn.Module):
@@ -494,13 +504,16 @@ class TnT(nn.Module):
                   for layer in self.decoder.layers]
         return DecodeCache(layers, cross_mask)
 
-    def extend(self, tokens_BxT, positions_BxT, cache: DecodeCache) -> tuple[torch.Tensor,
-                                                                             DecodeCache]:
+    def extend(self, tokens_BxT, positions_BxT, cache: DecodeCache, *, check_ids: bool = True
+               ) -> tuple[torch.Tensor, DecodeCache]:
         """Decode with the cache: the logits [B, T, V] of `tokens` at `positions` (each row its
         own, consecutive: `start_B + 0..T-1`), which attend to the cached positions up to their
         own; their keys and values are written into the cache in place. A prefill is T prompt
-        tokens at 0..T-1, a decode step one token per row."""
-        self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
+        tokens at 0..T-1, a decode step one token per row. `check_ids=False` skips the token-id
+        range check, for ids the model itself chose (the decode loop; the check syncs the
+        device every token)."""
+        if check_ids:
+            self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
         B, T = tokens_BxT.shape
         n_cols = int(positions_BxT.max()) + 1  # columns written in any row after this call
         if positions_BxT.shape != (B, T) or n_cols > cache.layers[0][0].k.shape[2]:
@@ -516,9 +529,9 @@ class TnT(nn.Module):
         else:
             cols = torch.arange(n_cols, device=tokens_BxT.device)
             self_mask = Mask(False, cols[None, None, None, :] <= positions_BxT[:, None, :, None])
-        h, _ = self.decoder(tokens_BxT, self_mask, self.rope(cache.layers[0][0].k.shape[2],
-                                                             tokens_BxT.device),
-                            None, cache.cross_mask, positions_BxT, cache.layers)
+        rope = self.rope(cache.layers[0][0].k.shape[2], tokens_BxT.device)
+        h, _ = self.decoder.forward(tokens_BxT, self_mask, rope, None, cache.cross_mask,
+                                    positions_BxT, cache.layers)
         return self._logits(h), cache
 
     def forward(self, enc_tokens_BxS, dec_tokens_BxL) -> torch.Tensor:
@@ -530,8 +543,8 @@ class TnT(nn.Module):
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Logits and loss in float32, or float64 for a `.double()` model (the float64 tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """float32, or float64 for a `.double()` model (the float64 tests): never narrower."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
