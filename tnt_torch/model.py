@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from tnt.config import ModelConfig
@@ -377,9 +378,8 @@ class Stack(nn.Module):
         compiled = self.compiled and torch.is_grad_enabled()
         remat = self.remat and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            # `layer(...)` runs the module hooks (FSDP2 gathers the block's shards there); only
-            # a compiled block's no-grad calls go around its compiled `_call_impl`
-            call = layer if compiled or not self.compiled else layer.forward
+            # FSDP2 gathers a block's shards in its hooks, which only `layer(...)` runs
+            call = layer if compiled or isinstance(layer, FSDPModule) else layer.forward
             args = (h, self_mask, rope, enc, cross_mask, positions, None if cache is None else cache[i])
             if remat:  # remat="block": the backward recomputes the block from its input
                 h, _ = checkpoint(call, *args, use_reentrant=False)
