@@ -40,8 +40,16 @@ class Role:
         return self.index == 0
 
     def check(self, cfg: RunConfig) -> None:
-        """Refuse, before anything is written, a mesh the model or batch cannot split over."""
+        """Refuse, before anything is written, a mesh the model or batch cannot split over, and
+        fsdp=true where it does not apply (JAX, or torch in one process)."""
         mesh = self.backend_kwargs.get("mesh")
+        if cfg.train.fsdp and mesh is not None:
+            raise ConfigError("fsdp=true is torch's FSDP2; with --backend jax shard with "
+                              "--mesh fsdp=F (see README)")
+        if cfg.train.fsdp and self.count == 1:
+            from tnt_torch.distributed import FSDP_NEEDS_RANKS
+
+            raise ConfigError(FSDP_NEEDS_RANKS)
         if mesh is not None:
             from tnt_jax.sharding import check_fits, mesh_shape
 

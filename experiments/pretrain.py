@@ -44,7 +44,11 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
-             "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "lr",  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "fsdp"}  # how this launch spreads the steps (FSDP2 or DDP), see LAUNCH
+# Train fields that describe the launch, not the run: a resume takes them from its own command
+# line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
+LAUNCH = {"fsdp"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,8 +88,8 @@ def explicit_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def resume_config(saved: RunConfig, args: argparse.Namespace) -> RunConfig:
     """The saved config with the explicitly given flags applied; refuse changes that break resume."""
-    values = {**dataclasses.asdict(saved.model), **dataclasses.asdict(saved.train),
-              **explicit_overrides(args)}
+    train = {k: v for k, v in dataclasses.asdict(saved.train).items() if k not in LAUNCH}
+    values = {**dataclasses.asdict(saved.model), **train, **explicit_overrides(args)}
     cfg = build_run_config("cpu", values, args.set)
     diff = config_differences(cfg.model, saved.model) + [
         d for d in config_differences(cfg.train, saved.train) if d.split(":")[0] not in RESUMABLE]

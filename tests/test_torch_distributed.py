@@ -99,3 +99,144 @@ def test_mesh_flag_is_refused_for_torch(capsys):
 
     assert main(["--backend", "torch", "--mesh", "data=2"]) == 2
     assert "--mesh and --coordinator are for --backend jax" in capsys.readouterr().err
+
+
+FSDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np, torch
+    from tnt.config import build_run_config
+    from tnt.data import BatchSpec
+    from tnt_torch.train import TorchBackend
+
+    ckpt, out, resume = sys.argv[1:4]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sets = ["arch=decoder_only", "seq_len=8", "batch_size=4", "grad_accum=2", f"fsdp={world > 1}"]
+    cfg = build_run_config("cpu-tiny", sets=sets)
+    spec = BatchSpec(cfg.model.arch, 4, 8, 8, cfg.model.bos_id)
+    rng = np.random.default_rng(0)
+    batches = [spec.make(rng.integers(3, 259, (4, spec.window))) for _ in range(5)]
+    for b in batches:  # the ranks' rows hold different numbers of real labels
+        b["labels"][0, :5] = cfg.model.pad_id
+
+    def dump(backend, name, losses, vals):
+        state = {k: v.tolist() for k, v in backend.opt.canonical_state().items()}  # gathered
+        params = {n: a.tolist() for n, a in backend.arrays(list(state_names)).items()}
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(out, name + ".json"), "w") as f:
+                json.dump({"losses": losses, "vals": vals, "params": params, "opt": state}, f)
+
+    from tnt.params import param_specs
+    state_names = list(param_specs(cfg.model))
+    if ckpt != "-":  # a fresh run of 3 steps, evaluated after steps 1 and 3, saved at 3
+        backend = TorchBackend(cfg, compile=False)
+        losses = [float(backend.step(batches[0])["loss"])]
+        vals = [backend.evaluate(iter(batches[:2]))]
+        losses += [float(backend.step(b)["loss"]) for b in batches[1:3]]
+        vals.append(backend.evaluate(iter(batches[:2])))
+        backend.open(ckpt, 2)
+        backend.save({"kind": "byte"})
+        from tnt_torch.distributed import local
+        ps = list(backend.net.parameters())  # what this rank holds: parameters, Adam's moments
+        held = [sum(local(p).numel() for p in ps),
+                sum(local(backend.opt.state[p]["exp_avg_sq"]).numel() for p in ps)]
+        vals.append(held)  # compared separately
+        dump(backend, "fresh", losses, vals)
+    if resume != "-":  # resume another launch's step 3 and take steps 4 and 5
+        backend = TorchBackend(cfg, compile=False)
+        backend.restore(resume)
+        dump(backend, "restored", [], [])
+        dump(backend, "resumed", [float(backend.step(b)["loss"]) for b in batches[3:]], [])
+""")
+
+
+def _launch(cmd, tmp_path, name, resume="-", fresh=True):
+    """FSDP_SCRIPT: a fresh run saved into `<name>-ckpt` (unless not `fresh`), then (with
+    `resume`) a continuation of the checkpoint `resume`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out, ckpt = tmp_path / name, (tmp_path / f"{name}-ckpt" if fresh else "-")
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    proc = subprocess.run([*cmd, str(tmp_path / "fsdp.py"), str(ckpt), str(out), str(resume)],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {p.stem: json.loads(p.read_text()) for p in out.iterdir()}, ckpt
+
+
+def _close(got, ref, atol):
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=atol)
+    np.testing.assert_allclose(got["vals"], ref["vals"], rtol=0, atol=atol)
+    for kind in ("params", "opt"):
+        assert got[kind].keys() == ref[kind].keys()
+        for name, value in ref[kind].items():
+            np.testing.assert_allclose(got[kind][name], value, rtol=0, atol=atol, err_msg=name)
+
+
+def test_fsdp2_matches_one_process_and_checkpoints_cross(tmp_path):
+    """FSDP2 (2 gloo ranks, grad_accum=2 so `set_requires_gradient_sync` is exercised) takes the
+    same steps as one process on the same global batch: losses, evaluations, gathered parameters
+    and Adam moments; the ngpt matrices stay on the sphere although lm_head, wq, wk, wv and w_in are
+    split along their normalized axis. Its checkpoint has the one-process layout and resumes in one
+    process; an FSDP run resumes (reshards) the one-process checkpoint."""
+    from safetensors.numpy import load_file
+
+    from tnt.config import build_run_config
+    from tnt.params import param_specs
+
+    (tmp_path / "fsdp.py").write_text(FSDP_SCRIPT)
+    one, one_ckpt = _launch([sys.executable], tmp_path, "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    fsdp, fsdp_ckpt = _launch(torchrun, tmp_path, "fsdp", resume=one_ckpt)
+    # fp32 tolerance as in the DDP test: partial sums in another order, Adam-normalized steps
+    held = {name: run["fresh"]["vals"].pop() for name, run in (("one", one), ("fsdp", fsdp))}
+    _close(fsdp["fresh"], one["fresh"], 1e-5)
+    # rank 0 holds its dim-0 share (1/2, rounded up) of every parameter and Adam moment
+    specs = param_specs(build_run_config("cpu-tiny", sets=["arch=decoder_only"]).model)
+    total = sum(int(np.prod(s.shape)) for s in specs.values())
+    share = sum(-(-s.shape[0] // 2) * int(np.prod(s.shape[1:])) for s in specs.values())
+    assert held["one"] == [total, total] and held["fsdp"] == [share, share] and share < 0.51 * total
+    projected = {n: s.project_axis for n, s in specs.items() if s.project_axis is not None}
+    assert {"lm_head", "decoder.layers.0.attn.wq", "decoder.layers.0.mlp.w_out"} <= projected.keys()
+    for name, axis in projected.items():
+        norms = np.linalg.norm(np.asarray(fsdp["fresh"]["params"][name], np.float64), axis=axis)
+        np.testing.assert_allclose(norms, 1.0, rtol=0, atol=1e-6, err_msg=name)
+    # the same files and tensors as one process's checkpoint (full tensors, gathered)
+    for path in (one_ckpt / "3").iterdir():
+        assert (fsdp_ckpt / "3" / path.name).is_file(), path.name
+        if path.suffix == ".safetensors":
+            a, b = load_file(str(path)), load_file(str(fsdp_ckpt / "3" / path.name))
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
+    # FSDP restored the one-process checkpoint exactly (sharded, then gathered back)
+    saved = load_file(str(one_ckpt / "3" / "optimizer.safetensors"))
+    for k, v in fsdp["restored"]["opt"].items():
+        np.testing.assert_array_equal(np.asarray(v, np.float32), saved[k], err_msg=k)
+    assert any(np.abs(saved[k]).max() > 0 for k in saved if k.endswith(".exp_avg_sq"))
+    # one process resumes the FSDP checkpoint: the same continuation as FSDP from one process's
+    back, _ = _launch([sys.executable], tmp_path, "back", resume=fsdp_ckpt, fresh=False)
+    _close({**back["resumed"], "vals": []}, {**fsdp["resumed"], "vals": []}, 1e-5)
+
+
+def test_fsdp_needs_several_ranks(capsys, tmp_path):
+    from experiments.pretrain import main
+
+    out = tmp_path / "run"
+    assert main(["--backend", "torch", "--preset", "cpu-tiny", "--out", str(out),
+                 "--set", "fsdp=true"]) == 2
+    assert "fsdp=true shards over the ranks of a multi-process run" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_takes_fsdp_from_its_own_command_line():
+    """fsdp says how a launch spreads the steps: an FSDP2 run resumes in one process (or under
+    DDP) without --set fsdp=false, and a one-process run resumes under FSDP2."""
+    import dataclasses
+
+    from experiments.pretrain import parse_args, resume_config
+    from tnt.config import build_run_config
+
+    saved = build_run_config("cpu-tiny", sets=["fsdp=true"])
+    flags = ["--backend", "torch", "--resume", "--out", "run"]
+    assert resume_config(saved, parse_args(flags)).train.fsdp is False
+    plain = dataclasses.replace(saved, train=dataclasses.replace(saved.train, fsdp=False))
+    assert resume_config(plain, parse_args([*flags, "--set", "fsdp=true"])).train.fsdp is True

@@ -119,6 +119,7 @@ class TrainConfig:
     max_steps: int = 400
     batch_size: int = 16
     grad_accum: int = 1  # microbatches per global batch of batch_size rows
+    fsdp: bool = False  # torch under torchrun: FSDP2 (fully_shard) instead of DDP
     seq_len: int = 64  # decoder length (decoder_only: the window is seq_len + 1 tokens)
     enc_len: int = 0  # encoder length for encoder_decoder; 0 means seq_len
     lr: float | None = None  # ngpt 15e-4, rmsnorm 6e-4
@@ -175,6 +176,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.grad_clip <= 0:
             raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
                               f"grad_accum={self.grad_accum}")

@@ -1,5 +1,6 @@
 """Data parallelism for the torch backend: one process per device under `torchrun`, the model
-wrapped in `DistributedDataParallel` (gloo on the CPU, NCCL on GPUs). docs/design.md, "Sharding".
+wrapped in `DistributedDataParallel` (gloo on the CPU, NCCL on GPUs), or with `fsdp=true` sharded
+by FSDP2 (`fully_shard`, every block and then the root). docs/design.md, "Sharding".
 
 Each rank reads its own rows of every global batch (`rows`, a contiguous share; the batch is
 still a pure function of `(seed, step)`). The loss each rank differentiates is rescaled so that
@@ -8,19 +9,34 @@ shares hold different numbers of non-pad labels: rank r backpropagates
 `loss_r * count_r * world / total`, whose average over ranks is `sum_r nll_r / total`. After the
 all-reduce every rank holds the same gradient, so every rank clips, steps and applies the unit-norm
 projection identically; only rank 0 writes checkpoints and logs.
+
+Under FSDP2 every parameter (and, through the optimizer, both Adam moments) is a DTensor sharded
+on dim 0 over the ranks; the reduce-scatter averages gradients as DDP does, so the same weights
+apply. The optimizer reduces across shards where a reduction crosses them (`tnt_torch.optim`),
+and checkpoints hold full tensors (`full`, gathered on every rank; rank 0 writes), resharded on
+load (`like`), so FSDP, DDP and one-process checkpoints are interchangeable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from tnt.config import ConfigError, RunConfig
-from tnt_torch.model import TnT
+
+if TYPE_CHECKING:
+    from tnt_torch.model import TnT
+
+
+FSDP_NEEDS_RANKS = ("fsdp=true shards over the ranks of a multi-process run: launch it with "
+                    "torchrun --nproc-per-node N (N > 1); one process has nothing to shard")
 
 
 def launched() -> bool:
@@ -38,6 +54,54 @@ def init_process_group() -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard gathered from every rank (a collective: all ranks call
+    it), a plain tensor as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (its shard of a DTensor, sharing its storage)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A whole tensor `value` laid out as `p` is: sharded like a DTensor `p`, else on its device."""
+    value = value.to(p.device)
+    return distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value
+
+
+def shard(net: TnT) -> TnT:
+    """FSDP2: each block is one all-gather unit, the root holds the embeddings, lm_head and s_z;
+    `fully_shard` turns the parameters into DTensors sharded on dim 0, in place. No module keeps
+    weights derived from gathered parameters (`tnt_torch.model._derived`'s cache)."""
+    for module in net.modules():
+        module.cache_derived = False
+    for stack in (net.encoder, net.decoder):
+        for layer in ([] if stack is None else stack.layers):
+            fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
+def reshard(net: TnT) -> None:
+    """Register the sharded parameters again after a forward without backward (evaluation): the
+    root keeps its gathered parameters after its forward, expecting the backward, so until then
+    `named_parameters` would name whole plain tensors, not the optimizer's DTensors."""
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(net):
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
 
 
 class _Forward:
@@ -65,7 +129,12 @@ class Replica:
         share = cfg.train.batch_size // self.world
         self.rows = slice(self.rank * share, (self.rank + 1) * share)
         self.forward = net
-        if self.world > 1:
+        self.fsdp = cfg.train.fsdp
+        if self.fsdp and self.world == 1:
+            raise ConfigError(FSDP_NEEDS_RANKS)
+        if self.fsdp:
+            shard(net)
+        elif self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.forward = _Forward(DistributedDataParallel(net, device_ids=ids), net.cfg)
 
@@ -93,11 +162,12 @@ class Replica:
         return count * self.world / total.clamp_min(1).to(torch.float32)
 
     def sync(self, last: bool):
-        """A context for one backward: DDP all-reduces only when `last` (gradient accumulation's
-        earlier microbatches accumulate locally, `no_sync`)."""
+        """A context for one backward: DDP all-reduces (FSDP2 reduce-scatters) only when `last`
+        (gradient accumulation's earlier microbatches accumulate locally: `no_sync`,
+        `set_requires_gradient_sync(False)`)."""
         if self.world == 1 or last:
             return contextlib.nullcontext()
-        return self.forward.ddp.no_sync()
+        return _no_gradient_sync(self.net) if self.fsdp else self.forward.ddp.no_sync()
 
     def mean(self, loss: torch.Tensor) -> torch.Tensor:
         """The global batch's mean loss from the rescaled per-rank losses (for logging)."""

@@ -15,12 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
 from tnt.rope import reference_swap_table, rotate_half_tables
+from tnt_torch.distributed import full, like, local
 
 
 class _L2Norm(torch.autograd.Function):
@@ -166,8 +168,10 @@ class DecodeCache:
 def _derived(module: nn.Module, name: str, fn, *params: torch.Tensor) -> torch.Tensor:
     """`fn()`, a tensor computed from `params` (a fused or scaled weight), kept on `module` and
     reused while no gradient is recorded and the parameters are unchanged (same storage and
-    version counter): decoding calls each layer once per token with the same weights."""
-    if torch.is_grad_enabled():
+    version counter): decoding calls each layer once per token with the same weights. Not under
+    FSDP2 (`tnt_torch.distributed.shard` sets `cache_derived = False`): it gathers parameters into
+    reused storage with their version counters preserved, so the key cannot see a new step."""
+    if torch.is_grad_enabled() or not module.__dict__.get("cache_derived", True):
         return fn()
     key = [(p._version, p.data_ptr()) for p in params]
     hit = module.__dict__.get(f"_derived_{name}")
@@ -374,7 +378,8 @@ class Stack(nn.Module):
         compiled = self.compiled and torch.is_grad_enabled()
         remat = self.remat and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            call = layer if compiled else layer.forward
+            # FSDP2 gathers a block's shards in its hooks, which only `layer(...)` runs
+            call = layer if compiled or isinstance(layer, FSDPModule) else layer.forward
             args = (h, self_mask, rope, enc, cross_mask, positions, None if cache is None else cache[i])
             if remat:  # remat="block": the backward recomputes the block from its input
                 h, _ = checkpoint(call, *args, use_reentrant=False)
@@ -555,17 +560,18 @@ def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
 def to_canonical(model: TnT) -> dict[str, np.ndarray]:
     """The canonical flat dict of docs/design.md, in `param_specs` order: float32 numpy copies,
-    `[in, out]` layout."""
+    `[in, out]` layout (FSDP2 shards gathered: a collective, every rank calls it)."""
     named = dict(model.named_parameters())
-    return {n: named[n].detach().to("cpu", torch.float32).numpy().copy()
+    return {n: full(named[n].detach()).to("cpu", torch.float32).numpy().copy()
             for n in param_specs(model.cfg)}
 
 
 def load_canonical(model: TnT, params: dict[str, np.ndarray]) -> TnT:
-    """Copy a canonical dict into `model` in place, after checking every name and shape."""
+    """Copy a canonical dict into `model` in place, after checking every name and shape (an FSDP2
+    rank keeps its shard of each)."""
     check_canonical(params, model.cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             value = torch.as_tensor(np.array(params[name], dtype=np.float32, copy=True))
-            p.copy_(value)
+            local(p).copy_(local(like(value, p)))
     return model

@@ -25,13 +25,38 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from tnt.config import ModelConfig, TrainConfig
 from tnt.params import param_specs
 from tnt.schedule import learning_rate
+from tnt_torch.distributed import full, like, local
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def _sharded_on(t: torch.Tensor, axis: int) -> bool:
+    """Whether `t` is a DTensor split along `axis` (an FSDP2 parameter is split on dim 0)."""
+    return isinstance(t, DTensor) and any(isinstance(pl, Shard) and pl.dim == axis
+                                          for pl in t.placements)
+
+
+def _sum_over_shards(parts: list[torch.Tensor], sharded: list[bool], group) -> None:
+    """Sum, in place and in one all-reduce, the entries of `parts` flagged `sharded` over the
+    ranks (each rank holds a partial sum over its shard)."""
+    chosen = [t for t, s in zip(parts, sharded, strict=True) if s]
+    if not chosen:
+        return
+    flat = torch.cat([t.reshape(-1) for t in chosen])
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(chosen, [f.view_as(t) for f, t in
+                                  zip(flat.split([t.numel() for t in chosen]), chosen, strict=True)])
+
+
+def _group(ps: list[torch.Tensor]):
+    return next((p.device_mesh.get_group() for p in ps if isinstance(p, DTensor)), None)
 
 
 class UnitNormProjection:
@@ -39,7 +64,12 @@ class UnitNormProjection:
     projection"), batched with `_foreach` ops: squares, square roots, clamps and divisions each run
     as one call over all matrices normalized along the same axis; only the per-matrix reduction
     is a Python loop. (`(x*x).sum(axis)` is ~10x faster than `vector_norm` along a leading axis on
-    the CPU, and stacking same-shaped matrices would copy every one of them.)"""
+    the CPU, and stacking same-shaped matrices would copy every one of them.)
+
+    Under FSDP2 each rank works on its shard (`to_local`); a matrix split along its normalized
+    axis (dim 0: wq, wk, wv, w_in, lm_head) has its squared sums added over the ranks (one
+    all-reduce per axis) before the division, so every shard is divided by the whole column's
+    norm."""
 
     def __init__(self, params_axes: list[tuple[torch.Tensor, int]]) -> None:
         groups: dict[int, list[torch.Tensor]] = defaultdict(list)
@@ -50,10 +80,12 @@ class UnitNormProjection:
     @torch.no_grad()
     def __call__(self) -> None:
         for axis, ps in self.groups:
-            norms = [sq.sum(axis, keepdim=True) for sq in torch._foreach_mul(ps, ps)]
+            parts = [local(p) for p in ps]
+            norms = [sq.sum(axis, keepdim=True) for sq in torch._foreach_mul(parts, parts)]
+            _sum_over_shards(norms, [_sharded_on(p, axis) for p in ps], _group(ps))
             torch._foreach_sqrt_(norms)
             torch._foreach_clamp_min_(norms, 1e-12)
-            torch._foreach_div_(ps, norms)
+            torch._foreach_div_(parts, norms)
 
 
 @torch.no_grad()
@@ -62,12 +94,19 @@ def clip_grad_norm(groups: list[tuple[list[torch.Tensor], float]], max_norm: flo
     clip them as optax.clip_by_global_norm does: all scaled by min(1, max_norm / ||m g||), no
     epsilon (unlike torch.nn.utils.clip_grad_norm_). One norm per tensor serves both the clip
     and the returned value, the global norm of the gradients as they came, `||g||` (what
-    tnt_jax's train step reports)."""
-    scaled = [([p.grad for p in ps if p.grad is not None], m) for ps, m in groups]
+    tnt_jax's train step reports). FSDP2 gradients are shards: each rank's squared norms are
+    summed over the ranks (one all-reduce) before the clip."""
+    scaled = [([local(p.grad) for p in ps if p.grad is not None], m) for ps, m in groups]
+    sharded = [isinstance(p.grad, DTensor) for ps, _ in groups for p in ps if p.grad is not None]
     grads = [g for gs, _ in scaled for g in gs]
     if not grads:
         return torch.zeros(())
     norms = torch.stack(torch._foreach_norm(grads))
+    if any(sharded):
+        squares = list(norms.square().unbind())
+        _sum_over_shards(squares, sharded, _group([p.grad for ps, _ in groups for p in ps
+                                                   if p.grad is not None]))
+        norms = torch.stack(squares).sqrt()
     mults = torch.tensor([m for gs, m in scaled for _ in gs], dtype=norms.dtype,
                          device=norms.device)
     coef = (max_norm / torch.linalg.vector_norm(norms * mults)).clamp(max=1.0)
@@ -155,7 +194,7 @@ class TnTOptimizer(torch.optim.AdamW):
                 value = st.get(key)
                 if value is None:
                     value = torch.zeros(() if key == "step" else p.shape)
-                value = torch.as_tensor(value, dtype=torch.float32)
+                value = full(torch.as_tensor(value)).to(torch.float32)  # FSDP2: gathered
                 out[f"{name}.{key}"] = value.detach().cpu().numpy().copy()
         return out
 
@@ -182,7 +221,8 @@ class TnTOptimizer(torch.optim.AdamW):
                     raise ValueError(f"optimizer state {name}.{key} has shape {a.shape}, "
                                      f"expected {want}")
                 on_param = key != "step" or self.defaults.get("fused")
-                st[key] = torch.tensor(a, device=p.device if on_param else "cpu")
+                st[key] = (like(torch.tensor(a), p) if key != "step"  # sharded like p
+                           else torch.tensor(a, device=p.device if on_param else "cpu"))
             self.state[p] = st
         self.step_count = int(step_count)
 

@@ -97,7 +97,7 @@ class TorchBackend:
                  compile: bool | None = None) -> None:
         configure_threads()
         self.cfg = cfg
-        if distributed.launched():  # a torchrun rank: one device per process, DDP
+        if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
             device = distributed.init_process_group()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
@@ -106,6 +106,10 @@ class TorchBackend:
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
         self.compiled = want_compile(compile)
+        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
+            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
+                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
+            self.compiled = False
         self._unproven = self.compiled  # the first compiled step may still fall back
         if self.compiled:
             self.net.compile_blocks()
@@ -148,6 +152,8 @@ class TorchBackend:
         for batch in batches:
             loss, c = loss_fn(self.net, self._put(batch))
             total, count = total + float(loss) * int(c), count + int(c)
+        if self.replica.fsdp:
+            distributed.reshard(self.net)
         total, count = self.replica.sum(total, count)  # each rank evaluated its rows
         return total / max(count, 1)
 
@@ -157,10 +163,11 @@ class TorchBackend:
 
     def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         """Some parameters as numpy (e.g. the alphas for logging)."""
-        named = dict(self.net.named_parameters())
-        return {n: named[n].detach().cpu().numpy().copy() for n in names}
+        named = dict(self.net.named_parameters())  # FSDP2: gathered on every rank
+        return {n: distributed.full(named[n].detach()).cpu().numpy().copy() for n in names}
 
     def model(self) -> TnT:
+        """The trained module (under FSDP2 its parameters are this rank's shards)."""
         return self.net
 
     def open(self, directory, keep: int) -> None:
@@ -169,12 +176,14 @@ class TorchBackend:
     def save(self, tokenizer_spec: dict) -> None:
         if self.directory is None:
             raise RuntimeError("call open(directory, keep) before save()")
-        if not self.replica.main:  # every rank holds the same state; rank 0 writes it
+        if not (self.replica.main or self.replica.fsdp):  # DDP: every rank holds the same state
+            return
+        params, state = to_canonical(self.net), self.opt.canonical_state()  # FSDP2: all gather
+        if not self.replica.main:  # rank 0 writes
             return
         step = self.step_count
         meta = make_meta(self.name, step, self.cfg, tokenizer_spec)
-        checkpoint.save(self.directory, step, to_canonical(self.net), self.opt.canonical_state(),
-                        meta, self.keep)
+        checkpoint.save(self.directory, step, params, state, meta, self.keep)
 
     def wait(self) -> None:
         """Saves are synchronous; nothing to wait for."""
@@ -194,5 +203,8 @@ class TorchBackend:
                seed: int = 0) -> str:
         """`inference` of up to `n` new tokens from `prompt` (the end-of-run sample): greedy, or
         sampled at `temperature` with `seed`."""
-        return inference(self.net, tokenizer, prompt, max_length=n, temperature=temperature,
+        net = self.net
+        if self.replica.fsdp:  # decoding calls more than forward: a whole copy on every rank
+            net = load_canonical(TnT(self.cfg.model), to_canonical(self.net)).to(self.device)
+        return inference(net, tokenizer, prompt, max_length=n, temperature=temperature,
                          seed=seed)
