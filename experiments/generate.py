@@ -69,7 +69,8 @@ def load_model(path: str, backend: str):
 
 
 def user_tokenizer(arg: str, meta: dict, where: str):
-    """The `--tokenizer` the user named, refused unless it is the checkpoint's."""
+    """The `--tokenizer` the user named: any, for a checkpoint that carries none (imported
+    weights), else refused unless it is the checkpoint's."""
     if arg == "byte":
         tok = ByteTokenizer()
     else:
@@ -77,7 +78,8 @@ def user_tokenizer(arg: str, meta: dict, where: str):
             tok = BPETokenizer.from_json(Path(arg).read_text())
         except Exception as e:  # tokenizers raises its own exception types
             raise TokenizerMismatch(f"cannot read tokenizer {arg}: {e}") from e
-    check_tokenizer_spec(tok.spec, meta["tokenizer"], where)
+    if tokenizer_from_spec(meta["tokenizer"]) is not None:
+        check_tokenizer_spec(tok.spec, meta["tokenizer"], where)
     return tok
 
 
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
         model, cfg, tokenizer, meta = load_model(args.ckpt, args.backend)
         if args.tokenizer:
             tokenizer = user_tokenizer(args.tokenizer, meta, f"checkpoint {args.ckpt}")
+        if tokenizer is None:
+            raise TokenizerMismatch(f"checkpoint {args.ckpt} carries no tokenizer (imported "
+                                    f"weights); name one with --tokenizer FILE")
         check_tokenizer(tokenizer, cfg.model)
         if args.backend == "jax":
             from tnt_jax.generate import generate

@@ -97,3 +97,18 @@ def test_bench_generate_prints_cached_and_uncached_tokens_per_second(capsys):
     assert r["new_tokens"] == 6 and r["arch"] == "decoder_only"
     assert r["cached"]["tokens_per_s"] > 0 and r["uncached"]["tokens_per_s"] > 0
     assert np.isclose(r["speedup"], r["cached"]["tokens_per_s"] / r["uncached"]["tokens_per_s"])
+
+
+def test_a_checkpoint_without_a_tokenizer_needs_one_named(tmp_path, params, capsys):
+    """Imported weights carry no tokenizer (spec kind "none"): one error line asks for
+    --tokenizer, and the named one is then used."""
+    from tnt_torch import checkpoint
+
+    meta = make_meta("torch", 1, RUN, {"kind": "none"})
+    checkpoint.save(tmp_path / "checkpoints", 1, params, {}, meta)
+    code, _, err = run_cli(capsys, "--ckpt", tmp_path, "--backend", "torch", "--prompt", "ab")
+    assert code == 2 and err.startswith("error:") and "carries no tokenizer" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "--ckpt", tmp_path, "--backend", "torch", "--prompt", "ab",
+                             "--tokenizer", "byte", "--max-new-tokens", 3)
+    assert code == 0, err
