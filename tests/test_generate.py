@@ -58,6 +58,22 @@ def test_cached_decoding_equals_full_recompute(framework, arch, norm):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_cached_decoding_of_a_bfloat16_model(framework):
+    """The cache holds keys and values in the compute dtype: a bfloat16 model decodes with it,
+    and its first logits equal the full recompute's within bf16 rounding (a relative step of
+    2^-8 at a few rounding points, as in parity_tests/conftest.py's BF16_RTOL)."""
+    jm, tm = models("encoder_decoder", "ngpt", dtype="bfloat16")
+    model, gen = (jm, jg) if framework == "jax" else (tm, tg)
+    cached = gen.generate(model, PROMPTS, N_NEW, return_logits=True, stop_at_eos=False)
+    full = gen.generate(model, PROMPTS, N_NEW, use_cache=False, return_logits=True,
+                        stop_at_eos=False)
+    assert [len(t) for t in cached.tokens] == [N_NEW] * len(PROMPTS)
+    for a, b in zip(cached.logits, full.logits, strict=True):
+        scale = float(np.abs(b[0]).max())
+        np.testing.assert_allclose(a[0], b[0], atol=4 * 2 * 2.0**-8 * scale, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_a_batch_of_uneven_prompts_equals_one_at_a_time(framework, arch):

@@ -153,8 +153,8 @@ class KVCache(NamedTuple):
 
     def write(self, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, positions_BxT: jax.Array):
         rows_Bx1 = jnp.arange(k_BxTxHxK.shape[0])[:, None]
-        return KVCache(self.k.at[rows_Bx1, positions_BxT].set(k_BxTxHxK),
-                       self.v.at[rows_Bx1, positions_BxT].set(v_BxTxHxK))
+        return KVCache(self.k.at[rows_Bx1, positions_BxT].set(k_BxTxHxK.astype(self.k.dtype)),
+                       self.v.at[rows_Bx1, positions_BxT].set(v_BxTxHxK.astype(self.v.dtype)))
 
 
 class DecodeCache(NamedTuple):
@@ -472,7 +472,8 @@ class TnT(nnx.Module):
         encoder_decoder, the encoder runs here once and each layer's cross-attention keys and
         values are computed once."""
         cfg = self.cfg
-        zeros = jnp.zeros((batch, length, cfg.n_heads, cfg.head_dim), jnp.float32)
+        dtype = self.lm_head[...].dtype if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
+        zeros = jnp.zeros((batch, length, cfg.n_heads, cfg.head_dim), dtype)  # project's dtype
         enc_out = enc_valid = None
         if cfg.has_encoder:
             if enc_tokens_BxS is None:

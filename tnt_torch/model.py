@@ -152,8 +152,8 @@ class KVCache:
     def write(self, k_BxTxHxK, v_BxTxHxK, positions_BxT) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys and values at their positions; returns the readable columns."""
         rows_Bx1 = torch.arange(k_BxTxHxK.shape[0], device=k_BxTxHxK.device)[:, None]
-        self.k[rows_Bx1, :, positions_BxT] = k_BxTxHxK
-        self.v[rows_Bx1, :, positions_BxT] = v_BxTxHxK
+        self.k[rows_Bx1, :, positions_BxT] = k_BxTxHxK.to(self.k.dtype)
+        self.v[rows_Bx1, :, positions_BxT] = v_BxTxHxK.to(self.v.dtype)
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
@@ -167,11 +167,12 @@ class DecodeCache:
 
 def _derived(module: nn.Module, name: str, fn, *params: torch.Tensor) -> torch.Tensor:
     """`fn()`, a tensor computed from `params` (a fused or scaled weight), kept on `module` and
-    reused while no gradient is recorded and the parameters are unchanged (same storage and
+    reused in inference mode (decoding; not a no_grad evaluation, whose copies would outlive it)
+    while the parameters are unchanged (same storage and
     version counter): decoding calls each layer once per token with the same weights. Not under
     FSDP2 (`tnt_torch.distributed.shard` sets `cache_derived = False`): it gathers parameters into
     reused storage with their version counters preserved, so the key cannot see a new step."""
-    if torch.is_grad_enabled() or not module.__dict__.get("cache_derived", True):
+    if not torch.is_inference_mode_enabled() or not module.__dict__.get("cache_derived", True):
         return fn()
     key = [(p._version, p.data_ptr()) for p in params]
     hit = module.__dict__.get(f"_derived_{name}")
@@ -499,7 +500,9 @@ class TnT(nn.Module):
             enc_out = self.encode(enc_tokens_BxS)
             valid = self._valid(enc_tokens_BxS)
             cross_mask = Mask(False, None if valid is None else valid[:, None, None, :])
-        layers = [(KVCache(torch.zeros(shape, device=device), torch.zeros(shape, device=device)),
+        dtype = self.lm_head.dtype if self.dtype == torch.float32 else self.dtype  # project's
+        layers = [(KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)),
                    None if enc_out is None else layer.cross.keys_values(enc_out))
                   for layer in self.decoder.layers]
         return DecodeCache(layers, cross_mask)
