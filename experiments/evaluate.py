@@ -35,6 +35,8 @@ from tnt.data import (
     read_token_dir,
     text_files,
 )
+from tnt.generation import TokenizerMismatch, check_tokenizer
+from tnt.special_ids import SpecialIdCollision
 from tnt.tokenizer import same_tokenizer
 from tnt.units import bits_per_byte, bits_per_token, text_bytes
 
@@ -117,6 +119,10 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
     if tok is None:
         raise CheckpointError(f"checkpoint {step_dir} carries no tokenizer (imported weights); "
                               f"name one with --tokenizer")
+    try:  # a named tokenizer must fit the model (ids in range, the model's special ids)
+        check_tokenizer(tok, cfg.model)
+    except TokenizerMismatch as e:
+        raise DataError(f"tokenizer {tokenizer!r}: {e}") from e
     stream, n_bytes = held_out_stream(data, tok, split)
     if n_bytes == 0:
         raise DataError(f"data {data!r} ({split}) has no text to evaluate on")
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer)
-    except (CheckpointError, DataError, BackendUnavailable) as e:
+    except (CheckpointError, DataError, BackendUnavailable, SpecialIdCollision) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=1) if args.json else describe(r))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
-from tnt.config import ModelConfig, RunConfig
+from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.params import check_canonical
 from tnt.special_ids import check_special_ids
 from tnt.tokenizer import tokenizer_from_spec
@@ -117,9 +117,18 @@ def read_meta(step_dir: Path, kind: str) -> dict:
     return meta
 
 
+def run_config(meta: dict, where) -> RunConfig:
+    """The run config saved in a checkpoint's metadata; one that today's validation refuses is a
+    CheckpointError naming the checkpoint (so readers fall back and CLIs print one line)."""
+    try:
+        return RunConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {where} holds a config this version refuses: {e}") from e
+
+
 def check_config(meta: dict, expected: ModelConfig, where: Path) -> None:
     """Refuse a checkpoint whose model config is not `expected`, naming the fields."""
-    diff = config_differences(RunConfig.from_dict(meta["config"]).model, expected)
+    diff = config_differences(run_config(meta, where).model, expected)
     if diff:
         raise CheckpointError(f"checkpoint {where} was written for another model: "
                               + "; ".join(diff))
@@ -146,7 +155,7 @@ def _read_orbax_params(state_dir: Path, names: list[str]) -> dict[str, np.ndarra
 def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     """(canonical float32 params, metadata) of one committed step folder."""
     meta = read_meta(step_dir, kind)
-    cfg = RunConfig.from_dict(meta["config"]).model
+    cfg = run_config(meta, step_dir).model
     try:
         if kind == JAX:
             from tnt.params import param_specs
@@ -202,7 +211,7 @@ def read_for_model(path: str | Path, expect: ModelConfig | None = None):
     """(canonical params, RunConfig, tokenizer) for a framework's `load_checkpoint`. With
     `expect`, a checkpoint whose model config differs is refused, naming the fields."""
     params, meta = read_canonical(path)
-    cfg = RunConfig.from_dict(meta["config"])
+    cfg = run_config(meta, path)
     if expect is not None and (diff := config_differences(cfg.model, expect)):
         raise CheckpointError(f"checkpoint {path} does not match the expected model: "
                               + "; ".join(diff))
