@@ -186,10 +186,12 @@ def run_one(args: argparse.Namespace, run: Run, out: Path) -> str:
     if step is not None:
         argv.append("--resume")
     rc = pretrain.main(argv)
-    if rc:
+    if rc == pretrain.EXIT_DIVERGED:  # a property of this rate: kept, never retried
         d.mkdir(parents=True, exist_ok=True)
-        (d / FAILED).write_text(f"experiments.pretrain exited with code {rc}\n")
+        (d / FAILED).write_text(f"experiments.pretrain exited with code {rc} (diverged)\n")
         return "failed"
+    if rc:  # bad input or a busy folder: nothing about the rate, so nothing is recorded
+        raise CompareError(f"the run in {d} stopped with exit code {rc} (see its error line)")
     return "trained"
 
 
