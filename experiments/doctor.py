@@ -47,13 +47,24 @@ def warnings_for(jax: dict, torch: dict) -> list[str]:
     return out
 
 
+def _safely(info, framework: str) -> dict:
+    """`info()`, or what it raised: a framework that cannot list its devices (a broken CUDA
+    install, `JAX_PLATFORMS` naming a missing platform) is what the doctor is for."""
+    try:
+        return info()
+    except Exception as e:  # whatever the framework raises while initializing
+        return {"framework": framework, "version": "?", "devices": [f"error: {e}"],
+                "accelerator": False, "error": f"{type(e).__name__}: {e}"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    infos = [jax_info(), torch_info()]
-    warnings = warnings_for(*infos)
+    infos = [_safely(jax_info, "jax"), _safely(torch_info, "torch")]
+    warnings = warnings_for(*infos) + [f"{i['framework']} failed: {i['error']}"
+                                       for i in infos if "error" in i]
     if args.json:
         print(json.dumps({"frameworks": infos, "warnings": warnings}, indent=1))
     else:

@@ -204,11 +204,12 @@ def remove_stale_temp(ckpt_dir: Path) -> None:
         print(f"removed {tmp}, the temp folder of an interrupted save", flush=True)
 
 
-def restore_latest(backend, ckpt_dir: Path) -> dict:
+def restore_latest(backend, ckpt_dir: Path, main: bool = True) -> dict:
     """Restore the newest checkpoint that restores; newer unreadable steps are moved aside to
-    `checkpoints/corrupt-<step>` (kept for inspection) so that the run can save them again."""
+    `checkpoints/corrupt-<step>` (kept for inspection) so that the run can save them again, by
+    the main process only (the others would race it)."""
     meta = checkpoint_io.newest_readable(ckpt_dir, lambda step_dir, _: backend.restore(step_dir))
-    for step_dir, _ in checkpoint_io.committed(ckpt_dir):
+    for step_dir, _ in checkpoint_io.committed(ckpt_dir) if main else ():
         if int(step_dir.name) > meta["step"]:
             aside = step_dir.with_name(f"corrupt-{step_dir.name}")
             os.replace(step_dir, aside)
@@ -279,7 +280,7 @@ def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches
     backend = Backend(cfg, **role.backend_kwargs)
     last_saved = None
     if meta is not None:
-        last_saved = restore_latest(backend, ckpt_dir)["step"]
+        last_saved = restore_latest(backend, ckpt_dir, role.main)["step"]
     backend.open(ckpt_dir, cfg.train.keep_checkpoints)
     from tensorboardX import SummaryWriter
 
