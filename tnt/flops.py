@@ -14,6 +14,8 @@ optimizer; they are elementwise and cheap in FLOPs (not always in time: that is 
 
 from __future__ import annotations
 
+import re
+
 from tnt.config import ModelConfig
 
 
@@ -51,7 +53,7 @@ def flops_per_token(cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
 # is the tensor-core / MXU bf16 peak with fp32 accumulation; "float32" the full-precision fp32
 # peak (NVIDIA: CUDA cores, not TF32). XLA's default fp32 matmul precision on NVIDIA GPUs uses
 # TF32-class passes, so a JAX float32 run can exceed its float32 "peak": compare bf16 runs. Matched
-# against the framework's device name (case-insensitive substring, first match wins, so the
+# against the framework's device name (case-insensitive whole words, first match wins, so the
 # specific names come before the general ones). Sources: NVIDIA's H200, H100, A100, L4 and
 # RTX 4090 datasheets; Google Cloud's TPU v4 / v5e / v5p pages.
 DATASHEET_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -72,7 +74,7 @@ def datasheet_peak(device: str, dtype: str) -> float | None:
     """The datasheet peak FLOP/s of `device` (a framework's device name) in `dtype`, or None
     when the table does not know the pair."""
     name = device.lower()
-    for key, peaks in DATASHEET_PEAK_FLOPS:
-        if key.lower() in name:
+    for key, peaks in DATASHEET_PEAK_FLOPS:  # whole words: "L4" is not "L40S", "H200" not "GH200"
+        if re.search(rf"\b{re.escape(key.lower())}\b", name):
             return peaks.get(dtype)
     return None

@@ -107,9 +107,9 @@ def clip_grad_norm(groups: list[tuple[list[torch.Tensor], float]], max_norm: flo
         _sum_over_shards(squares, sharded, _group([p.grad for ps, _ in groups for p in ps
                                                    if p.grad is not None]))
         norms = torch.stack(squares).sqrt()
-    mults = torch.tensor([m for gs, m in scaled for _ in gs], dtype=norms.dtype,
-                         device=norms.device)
-    coef = (max_norm / torch.linalg.vector_norm(norms * mults)).clamp(max=1.0)
+    # each norm times its group's multiplier, as Python scalars: no host-to-device copy per step
+    scaled_norms = torch._foreach_mul(list(norms.unbind()), [m for gs, m in scaled for _ in gs])
+    coef = (max_norm / torch.linalg.vector_norm(torch.stack(scaled_norms))).clamp(max=1.0)
     for gs, m in scaled:
         if gs:
             torch._foreach_mul_(gs, coef * m)
