@@ -22,9 +22,6 @@ from tnt.params import param_specs
 from tnt_jax.train import JaxBackend
 from tnt_torch.train import TorchBackend
 
-ARCHS = ["encoder_decoder", "decoder_only"]
-BF16_UNIT_ROUNDOFF = 2.0 ** -9  # bfloat16 keeps 8 significant bits
-
 
 def padded_batch(cfg, rng) -> dict[str, np.ndarray]:
     """Rows of uneven length padded at their end; row 2's encoder input and row 3's decoder input
