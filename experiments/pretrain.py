@@ -282,13 +282,8 @@ def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches
     if meta is not None:
         last_saved = restore_latest(backend, ckpt_dir, role.main)["step"]
     backend.open(ckpt_dir, cfg.train.keep_checkpoints)
-    from tensorboardX import SummaryWriter
-
     start = backend.step_count
-    # Events of an earlier attempt after the step we start from are superseded (TensorBoard's
-    # purge step), so every step shows once; one event file per process.
-    writer = (SummaryWriter(str(out / "tb"), purge_step=start + 1 if (out / "tb").is_dir() else None,
-                            filename_suffix=f".{os.getpid()}") if role.main else launch.NullWriter())
+    writer = event_writer(out / "tb", start) if role.main else launch.NullWriter()
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
                mininterval=1.0, disable=not role.main)
     try:
@@ -298,6 +293,29 @@ def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches
         bar.close()
         backend.wait()  # a save in flight holds finite parameters: let it commit
         writer.close()
+
+
+def event_writer(tb: Path, start: int):
+    """The TensorBoard writer of a session that starts after `start` steps, one file per process.
+
+    Events an earlier session logged after `start` are superseded by this one's (TensorBoard's
+    purge step), so every step shows once. TensorBoard reads a folder's event files in name
+    order, and a name starts with the second its file was opened: two sessions opened within one
+    second would be ordered by their pid suffix, and the earlier session's purge could then erase
+    the later one's steps. So a session waits until its second is later than every existing
+    file's before it opens its own."""
+    from tensorboardX import SummaryWriter
+
+    seconds = [int(p.name.split(".")[3]) for p in tb.glob("events.out.tfevents.*")
+               if p.name.split(".")[3].isdigit()] if tb.is_dir() else []
+    wait = max(seconds, default=0) + 1 - time.time()
+    if wait > 2:  # a file dated in the future: waiting would not help
+        print(f"warning: {tb} holds an event file dated {wait:.0f} s ahead of this clock; "
+              "TensorBoard may show superseded steps", file=sys.stderr)
+    elif wait > 0:
+        time.sleep(wait)
+    return SummaryWriter(str(tb), purge_step=start + 1 if tb.is_dir() else None,
+                         filename_suffix=f".{os.getpid()}")
 
 
 def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,

@@ -75,3 +75,26 @@ def test_kills_anywhere_then_resume_equal_an_uninterrupted_run(backend, corpus, 
         assert main(args(backend, corpus, partial, "--max-steps", "3")) == 0
         assert stale_temp_folders(partial / "checkpoints") == []
         assert [p.name for p, _ in committed(partial)] == ["3"]
+
+
+def test_a_session_opened_in_the_same_second_still_supersedes_the_earlier_one(tmp_path):
+    """TensorBoard reads event files in name order, a name starts with the second it was opened,
+    and a pid suffix breaks ties: an earlier session with a larger pid, opened in the same second,
+    would be read last and its purge would erase the later session's steps (a CI flake of the
+    test above)."""
+    from tensorboardX import SummaryWriter
+
+    from experiments.pretrain import event_writer
+
+    tb = tmp_path / "tb"
+    earlier = SummaryWriter(str(tb), filename_suffix=".99999999")  # sorts after any real pid
+    for step in (1, 2, 3):
+        earlier.add_scalar("train/loss", 10.0 + step, step)
+    earlier.close()
+    later = event_writer(tb, start=1)  # resumes after step 1: supersedes steps 2 and 3
+    for step in (2, 3):
+        later.add_scalar("train/loss", float(step), step)
+    later.close()
+    files = sorted(p.name for p in tb.iterdir())
+    assert files[-1].endswith(f".{os.getpid()}"), files
+    assert scalars(tmp_path, "train/loss") == [(1, 11.0), (2, 2.0), (3, 3.0)]
