@@ -45,6 +45,19 @@ def test_build_run_config_overrides_and_sets():
         build_run_config("tpu-huge")
 
 
+@pytest.mark.parametrize("word,value", [("true", True), ("YES", True), ("1", True),
+                                        ("false", False), ("No", False), ("0", False)])
+def test_boolean_fields_read_yes_and_no_words(word, value):
+    assert build_run_config("cpu", sets=[f"fsdp={word}"]).train.fsdp is value
+
+
+@pytest.mark.parametrize("word", ["maybe", "", "ture", "2"])
+def test_boolean_fields_refuse_other_words(word):
+    """`fsdp=maybe` used to read as false and train without FSDP2."""
+    with pytest.raises(ConfigError, match=f"fsdp={word!r} is not a valid bool"):
+        build_run_config("cpu", sets=[f"fsdp={word}"])
+
+
 def test_norm_defaults_follow_design():
     ngpt = TrainConfig().resolved("ngpt")
     base = TrainConfig().resolved("rmsnorm")

@@ -315,6 +315,9 @@ def parse_set(item: str) -> tuple[str, str]:
     return name, value.strip()
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _coerce(name: str, value: object, f: dataclasses.Field) -> object:
     if not isinstance(value, str):
         return value
@@ -327,10 +330,11 @@ def _coerce(name: str, value: object, f: dataclasses.Field) -> object:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     try:
         if kind is bool:
-            return value.lower() in ("1", "true", "yes")
+            return _BOOLS[value.lower()]
         return kind(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+    except (KeyError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {kind.__name__}"
+                          + (" (true or false)" if kind is bool else "")) from None
 
 
 def _check_finite_floats(config: object) -> None:
