@@ -40,8 +40,8 @@ class Role:
         return self.index == 0
 
     def check(self, cfg: RunConfig) -> None:
-        """Refuse, before anything is written, a mesh the model or batch cannot split over, and
-        fsdp=true where it does not apply (JAX, or torch in one process)."""
+        """Refuse, before anything is written, a mesh or a set of torch ranks the model or batch
+        cannot split over, and fsdp=true where it does not apply (JAX, or torch in one process)."""
         mesh = self.backend_kwargs.get("mesh")
         if cfg.train.fsdp and mesh is not None:
             raise ConfigError("fsdp=true is torch's FSDP2; with --backend jax shard with "
@@ -54,6 +54,10 @@ class Role:
             from tnt_jax.sharding import check_fits, mesh_shape
 
             check_fits(mesh_shape(mesh), cfg)
+        elif self.count > 1:  # torchrun ranks
+            from tnt_torch.distributed import check_rows_split
+
+            check_rows_split(cfg, self.count)
 
 
 class NullWriter:

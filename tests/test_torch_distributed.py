@@ -240,3 +240,18 @@ def test_resume_takes_fsdp_from_its_own_command_line():
     assert resume_config(saved, parse_args(flags)).train.fsdp is False
     plain = dataclasses.replace(saved, train=dataclasses.replace(saved.train, fsdp=False))
     assert resume_config(plain, parse_args([*flags, "--set", "fsdp=true"])).train.fsdp is True
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_writing(
+        capsys, tmp_path, monkeypatch):
+    """Rank 0 of 3 (torchrun's environment) with 4 rows: refused before config.json exists."""
+    from experiments.pretrain import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    out = tmp_path / "run"
+    assert main(["--backend", "torch", "--preset", "cpu-tiny", "--out", str(out),
+                 "--batch-size", "4"]) == 2
+    assert "the batch of 4 rows (batch_size=4 / grad_accum=1) does not split over 3 ranks" in (
+        capsys.readouterr().err)
+    assert not out.exists()
