@@ -117,3 +117,30 @@ def test_training_takes_special_ids_from_the_tokenizer_and_appends_a_missing_pad
     assert (m.vocab_size, m.pad_id, m.bos_id, m.eos_id) == (11, 10, 9, 9)
     m = fit_tokenizer(build_run_config("cpu-tiny"), ByteTokenizer(), False).model
     assert (m.vocab_size, m.pad_id, m.bos_id, m.eos_id) == (259, 0, 1, 2)
+
+
+def test_training_and_import_read_one_role_table(tmp_path):
+    """A tokenizer.json with `<s>`, `</s>` and `<|endoftext|>`: the model trained with it and a
+    checkpoint imported with it take the same bos and eos (the tables once differed in order)."""
+    from tokenizers import Tokenizer
+
+    from tnt.tokenizer import BPETokenizer
+
+    data = {**GPT2_LIKE, "added_tokens": [
+        {"id": 9, "content": "<|endoftext|>", "special": True},
+        {"id": 10, "content": "<s>", "special": True},
+        {"id": 11, "content": "</s>", "special": True}]}
+    data["model"] = {**GPT2_LIKE["model"], "vocab": {**GPT2_LIKE["model"]["vocab"],
+                                                     "<s>": 10, "</s>": 11}}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    vocab = VocabularyFile(path)
+    hf = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "pre_tokenizer": None, "post_processor": None, "decoder": None,
+        "added_tokens": [{**a, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False} for a in data["added_tokens"]],
+        "model": {"type": "WordLevel", "vocab": data["model"]["vocab"], "unk_token": "a"}}))
+    trained = BPETokenizer(hf, kind="hf")
+    assert (vocab.bos_id, vocab.eos_id) == (trained.bos_id, trained.eos_id) == (10, 11)
+    assert resolve_import_ids(12, {}, {}, vocab)[0] == {"pad_id": 12, "bos_id": 10, "eos_id": 11}

@@ -25,11 +25,13 @@ AUTO = "auto"  # import_reference's default: take the id from the source, see re
 
 GPT2_EOT = 50256  # GPT-2's `<|endoftext|>`: it both starts and ends a document
 GPT2_VOCABS = (50257, 50304)  # GPT-2's vocabulary, and nanoGPT/nGPT's padding of it to 64*786
-# Special-token texts that name a role in common tokenizer.json files (first match wins).
+# Texts under which tokenizers commonly carry their special tokens, most specific first (the one
+# table both the tokenizer and the import read). GPT-2 has only <|endoftext|>, which serves as
+# both its bos and its eos.
 ROLE_TOKENS = {
-    "pad_id": ("<pad>", "[PAD]", "<|pad|>"),
-    "bos_id": ("<|endoftext|>", "<s>", "<bos>", "<|begin_of_text|>", "[CLS]"),
-    "eos_id": ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]"),
+    "pad_id": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>"),
+    "bos_id": ("<bos>", "<s>", "[CLS]", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"),
+    "eos_id": ("<eos>", "</s>", "[SEP]", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>"),
 }
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tnt.special_ids import ROLE_TOKENS
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 FIRST_ID = len(SPECIALS)  # the first id that is neither pad, bos nor eos
@@ -39,15 +41,6 @@ class ByteTokenizer:
         return {"kind": "byte", "vocab_size": self.vocab_size}
 
 
-# Names under which tokenizers commonly carry their special tokens, most specific first. GPT-2
-# has only <|endoftext|>, which serves as both its bos and its eos.
-SPECIAL_NAMES = {
-    "pad": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>"),
-    "bos": ("<bos>", "<s>", "[CLS]", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>"),
-    "eos": ("<eos>", "</s>", "[SEP]", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>"),
-}
-
-
 def map_special_ids(tok) -> tuple[dict[str, int], list[str]]:
     """pad/bos/eos ids of a `tokenizers.Tokenizer`, adding `<pad>`/`<bos>`/`<eos>` as special tokens
     (growing the vocabulary) for any role the tokenizer has no special token for. Only the
@@ -56,7 +49,8 @@ def map_special_ids(tok) -> tuple[dict[str, int], list[str]]:
     so a saved tokenizer (with its additions) maps the same way again."""
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     ids, added = {}, []
-    for role, names in SPECIAL_NAMES.items():
+    for field, names in ROLE_TOKENS.items():
+        role = field.removesuffix("_id")
         found = next((specials[n] for n in names if n in specials), None)
         if found is None:
             name = f"<{role}>"
