@@ -51,6 +51,9 @@ def test_resume_equals_an_uninterrupted_run(backend, corpus, tmp_path):
     horizon = ["--set", "decay_steps=6"]  # the same schedule whether the run stops at 3 or 6
     assert run(corpus, tmp_path / "full", backend, *horizon) == 0
     assert run(corpus, tmp_path / "cut", backend, *horizon, "--max-steps", "3") == 0
+    step = tmp_path / "cut" / "checkpoints" / "3"  # a step folder that is a link (moved disks)
+    step.rename(tmp_path / "elsewhere")
+    step.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     assert run(corpus, tmp_path / "cut", backend, *horizon, "--resume") == 0
     full, _ = final_params(backend, tmp_path / "full")
     resumed, _ = final_params(backend, tmp_path / "cut")
