@@ -51,7 +51,7 @@ def jax_scorer(path):
 
     model, cfg, tok = load_checkpoint(path)
     graphdef, params = split_params(model)
-    step = make_eval_step(graphdef)
+    step = make_eval_step(graphdef, cfg.train.grad_accum)
 
     def score(batch):
         s, c = step(params, jax.device_put(batch))
@@ -63,15 +63,15 @@ def jax_scorer(path):
 def torch_scorer(path):
     import torch
 
-    from tnt_torch import load_checkpoint, loss_fn
+    from tnt_torch import load_checkpoint
+    from tnt_torch.train import token_sum
 
     model, cfg, tok = load_checkpoint(path)
     model.eval()
 
-    @torch.no_grad()
     def score(batch):
-        loss, c = loss_fn(model, {k: torch.as_tensor(np.asarray(v, np.int64)) for k, v in batch.items()})
-        return float(loss) * int(c), int(c)
+        batch = {k: torch.as_tensor(np.asarray(v, np.int64)) for k, v in batch.items()}
+        return token_sum(model, batch, cfg.train.grad_accum)
 
     return score, cfg, tok
 

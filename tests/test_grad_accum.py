@@ -153,3 +153,32 @@ def test_bad_grad_accum_is_refused():
         step(state, batch)
     with pytest.raises(ValueError, match="grad_accum=3"):
         microbatches({"labels": torch.zeros(8, 2)}, 3)
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_evaluation_runs_microbatches_and_gives_the_big_batch_loss(framework, monkeypatch):
+    """Evaluation holds no more activations than a training microbatch: with grad_accum=4 it runs
+    4 microbatches, and their token-weighted loss is the whole batch's (fp32 summation order only:
+    36 label tokens, so a relative difference of at most ~36 x 2^-24 = 2e-6, under TOL)."""
+    batches = [padded_batch(tiny_config(), s) for s in range(2)]
+    if framework == "jax":
+        import jax
+
+        backends = [JaxBackend(run_config("encoder_decoder", "ngpt", n)) for n in (1, 4)]
+        jaxpr = jax.make_jaxpr(backends[1]._eval_step)(backends[1].state.params,
+                                                        backends[1]._put(batches[0]))
+        assert "scan" in str(jaxpr) and "scan" not in str(jax.make_jaxpr(backends[0]._eval_step)(
+            backends[0].state.params, backends[0]._put(batches[0])))
+    else:
+        import tnt_torch.train as torch_train_module
+
+        rows = []
+        real = torch_train_module.loss_fn
+        monkeypatch.setattr(torch_train_module, "loss_fn",
+                            lambda model, b: rows.append(len(b["labels"])) or real(model, b))
+        backends = [TorchBackend(run_config("encoder_decoder", "ngpt", n), device="cpu",
+                                 compile=False) for n in (1, 4)]
+    one, four = (b.evaluate(iter(batches)) for b in backends)
+    if framework == "torch":
+        assert rows == [8, 8] + [2] * 8
+    assert abs(four - one) <= TOL * one

@@ -47,6 +47,12 @@ def microbatches(batch: dict, n: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def token_sum(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(summed nats over the non-pad labels, their count): what microbatches add up."""
+    loss, count = loss_fn(merge_params(graphdef, params), batch)
+    return loss * count, count
+
+
 def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_accum: int):
     """(loss, label tokens, grads) of the global batch, from `grad_accum` microbatches.
 
@@ -55,20 +61,14 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_ac
     gradients are accumulated in a `lax.scan` (one microbatch's activations live at a time) and
     divided by the global count at the end, which gives the gradient of one big batch.
     """
-    def loss_of(p, b):
-        return loss_fn(merge_params(graphdef, p), b)
-
     if grad_accum == 1:
-        (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(params, batch)
+        (loss, count), grads = jax.value_and_grad(
+            lambda p, b: loss_fn(merge_params(graphdef, p), b), has_aux=True)(params, batch)
         return loss, count, grads
-
-    def token_sum(p, b):
-        loss, count = loss_of(p, b)
-        return loss * count, count
 
     def body(carry, micro):
         total, count, grads = carry
-        (s, c), g = jax.value_and_grad(token_sum, has_aux=True)(params, micro)
+        (s, c), g = jax.value_and_grad(partial(token_sum, graphdef), has_aux=True)(params, micro)
         carry = (total + s.astype(total.dtype), count + c.astype(count.dtype),
                  jax.tree.map(jnp.add, grads, g))
         return carry, None
@@ -106,11 +106,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, grad_accum: int = 1):
+    """(summed nats, label tokens) of a batch, compiled once. Like the train step it runs the
+    batch as `grad_accum` microbatches in a `lax.scan`, so evaluation never holds more
+    activations than a training microbatch (the planner sizes that, not the whole batch)."""
     @jax.jit
     def eval_step(params, batch):
-        loss, count = loss_fn(merge_params(graphdef, params), batch)
-        return loss * count, count
+        if grad_accum == 1:
+            return token_sum(graphdef, params, batch)
+
+        def body(carry, micro):
+            s, c = token_sum(graphdef, params, micro)
+            return (carry[0] + s.astype(jnp.float32), carry[1] + c.astype(jnp.int32)), None
+
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        return jax.lax.scan(body, init, microbatches(batch, grad_accum))[0]
 
     return eval_step
 
@@ -136,7 +146,7 @@ class JaxBackend:
         self.rows = sharding.local_rows(self.batch_sharding, cfg.train.batch_size)
         self._train_step = make_train_step(self.graphdef, self.tx, cfg.train.grad_accum,
                                            self.state_sharding)
-        self._eval_step = make_eval_step(self.graphdef)
+        self._eval_step = make_eval_step(self.graphdef, cfg.train.grad_accum)
 
     def _shardings(self, params: dict[str, jax.Array]) -> TrainState:
         by_name = sharding.param_shardings(self.mesh, self.cfg.model)

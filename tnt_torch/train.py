@@ -58,6 +58,18 @@ def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch
     return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
 
 
+@torch.no_grad()
+def token_sum(model: TnT, batch: dict[str, torch.Tensor], grad_accum: int = 1) -> tuple[float, int]:
+    """(summed nats over the non-pad labels, their count) of a batch, run as `grad_accum`
+    microbatches like the train step: evaluation never holds more activations than a training
+    microbatch (the mirror of `tnt_jax.train.make_eval_step`)."""
+    total, count = 0.0, 0
+    for micro in microbatches(batch, grad_accum):
+        loss, c = loss_fn(model, micro)
+        total, count = total + float(loss) * int(c), count + int(c)
+    return total, count
+
+
 def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor],
                      grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of this process's rows of the global batch in `grad_accum`
@@ -150,8 +162,8 @@ class TorchBackend:
         self.net.eval()
         total, count = 0.0, 0
         for batch in batches:
-            loss, c = loss_fn(self.net, self._put(batch))
-            total, count = total + float(loss) * int(c), count + int(c)
+            s, c = token_sum(self.net, self._put(batch), self.cfg.train.grad_accum)
+            total, count = total + s, count + c
         if self.replica.fsdp:
             distributed.reshard(self.net)
         total, count = self.replica.sum(total, count)  # each rank evaluated its rows
