@@ -55,9 +55,7 @@ class Role:
 
             check_fits(mesh_shape(mesh), cfg)
         elif self.count > 1:  # torchrun ranks
-            from tnt_torch.distributed import check_rows_split
-
-            check_rows_split(cfg, self.count)
+            cfg.train.check_rows_split(self.count, f"{self.count} ranks")
 
 
 class NullWriter:

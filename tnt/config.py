@@ -187,6 +187,14 @@ class TrainConfig:
         if not 0 < self.val_percent < 100:
             raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
 
+    def check_rows_split(self, shards: int, over: str) -> None:
+        """Each of `shards` (data-parallel devices or ranks, described by `over`) takes an equal
+        share of every microbatch's rows."""
+        rows = self.batch_size // self.grad_accum
+        if rows % shards:
+            raise ConfigError(f"the batch of {rows} rows (batch_size={self.batch_size} / "
+                              f"grad_accum={self.grad_accum}) does not split over {over}")
+
     @property
     def encoder_len(self) -> int:
         return self.enc_len or self.seq_len

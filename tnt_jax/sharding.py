@@ -106,12 +106,8 @@ def check_fits(shape: MeshShape, cfg: RunConfig) -> None:
                           f"hidden={m.hidden}")
     if m.d_model % shape.fsdp:
         raise ConfigError(f"mesh axis fsdp={shape.fsdp} does not divide d_model={m.d_model}")
-    rows = t.batch_size // t.grad_accum
-    shards = shape.data * shape.fsdp
-    if rows % shards:
-        raise ConfigError(f"the batch of {rows} rows (batch_size={t.batch_size} / grad_accum="
-                          f"{t.grad_accum}) does not split over the mesh axes data x fsdp = "
-                          f"{shape.data} x {shape.fsdp}")
+    t.check_rows_split(shape.data * shape.fsdp,
+                       f"the mesh axes data x fsdp = {shape.data} x {shape.fsdp}")
 
 
 def build_mesh(shape: MeshShape, devices=None) -> Mesh:

@@ -39,14 +39,6 @@ FSDP_NEEDS_RANKS = ("fsdp=true shards over the ranks of a multi-process run: lau
                     "torchrun --nproc-per-node N (N > 1); one process has nothing to shard")
 
 
-def check_rows_split(cfg: RunConfig, world: int) -> None:
-    """Each rank takes an equal share of every microbatch's rows."""
-    rows = cfg.train.batch_size // cfg.train.grad_accum
-    if rows % world:
-        raise ConfigError(f"the batch of {rows} rows (batch_size={cfg.train.batch_size} / "
-                          f"grad_accum={cfg.train.grad_accum}) does not split over {world} ranks")
-
-
 def launched() -> bool:
     """Whether torchrun (or another launcher) started this process as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -129,7 +121,7 @@ class Replica:
         self.net, self.cfg, self.device = net, cfg, device
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        check_rows_split(cfg, self.world)
+        cfg.train.check_rows_split(self.world, f"{self.world} ranks")
         share = cfg.train.batch_size // self.world
         self.rows = slice(self.rank * share, (self.rank + 1) * share)
         self.forward = net
