@@ -48,7 +48,7 @@ from experiments.checkpoints import locate
 from tnt.checkpoint_io import read_meta
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import PRESETS, ConfigError, build_run_config
-from tnt.data import DataError, load_corpus, split_documents
+from tnt.data import DataError, is_prepared, load_corpus, split_documents
 from tnt.tokenizer import tokenizer_from_spec
 from tnt.units import bits_per_byte
 
@@ -367,9 +367,9 @@ def compare(args: argparse.Namespace) -> dict:
     runs = plan(args)
     out = Path(args.out or f"runs/compare-{args.backend}-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     val_percent = build_run_config(args.preset, {"arch": args.arch}, args.set).train.val_percent
-    if not Path(args.data, "meta.json").is_file():
+    if not is_prepared(args.data):
         split_documents(args.data, val_percent)  # refuse data with no text before any training
-    out.mkdir(parents=True, exist_ok=True)
+    pretrain.make_run_dir(out)
     check_settings(out, settings(args))
     t0 = time.perf_counter()
     for i, run in enumerate(runs, 1):

@@ -372,7 +372,8 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
         val_loss = backend.evaluate(batches.eval_batches(t.eval_batches))
     writer.add_scalar("val/final_loss", val_loss, t.max_steps)
     print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
-    print("sample:", repr(sample_text(backend, cfg, corpus)))
+    if cfg.train.sample_tokens:  # 0: no end-of-run sample
+        print("sample:", repr(sample_text(backend, cfg, corpus)))
     return val_loss
 
 

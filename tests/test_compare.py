@@ -79,6 +79,14 @@ def test_data_without_text_is_refused_before_training(tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_file_is_refused(corpus, tmp_path, capsys):
+    (tmp_path / "x").write_text("keep")
+    assert compare.main(["--preset", "cpu-tiny", "--data", corpus, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create run directory --out") and "Traceback" not in err
+    assert (tmp_path / "x").read_text() == "keep"
+
+
 def sweep_args(corpus, out, seeds):
     return ["--preset", "cpu-tiny", "--data", corpus, "--max-steps", "3", "--eval-every", "1",
             "--ngpt-lrs", "4e-3,1e-2", "--rmsnorm-lrs", "1e-3,3e-3", "--seeds", str(seeds),

@@ -112,3 +112,9 @@ def test_each_backend_implements_the_backend_protocol(name):
             want = list(inspect.signature(proto).parameters)
             assert list(inspect.signature(impl).parameters)[:len(want)] == want, member
     assert cls.name == name
+
+
+def test_sample_tokens_zero_ends_without_a_sample(corpus, tmp_path, capsys):
+    assert run(corpus, tmp_path / "run", "jax", "--max-steps", "1", "--set", "sample_tokens=0") == 0
+    out = capsys.readouterr().out
+    assert "final val loss" in out and "sample:" not in out
