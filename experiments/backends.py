@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 
@@ -19,12 +19,12 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-@runtime_checkable
 class Backend(Protocol):
     """One framework's training run: steps, evaluation, checkpoints and a text sample."""
 
     name: str
     cfg: RunConfig
+    rows: slice  # this process's rows of every global batch (all of them in one process)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict:
         """One optimizer step on a numpy batch; returns the step's metrics (framework arrays)."""

@@ -24,7 +24,15 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from tnt.data import Corpus, DataError, make_tokenizer, split_documents, token_dtype, write_token_dir
+from tnt.data import (
+    Corpus,
+    DataError,
+    encode_documents,
+    make_tokenizer,
+    split_documents,
+    token_dtype,
+    write_token_dir,
+)
 from tnt.tokenizer import tokenizer_from_spec
 from tnt.units import text_bytes
 
@@ -38,10 +46,8 @@ def _init_worker(spec: dict) -> None:
 
 
 def _encode_group(texts: list[str]) -> np.ndarray:
-    """The documents of one group, each followed by eos (as `tnt.data.encode_documents`)."""
-    tok = _worker_tokenizer
-    eos = np.array([tok.eos_id], np.int32)
-    return np.concatenate([x for t in texts for x in (tok.encode(t), eos)])
+    """The documents of one group, each followed by eos, in the worker's tokenizer."""
+    return encode_documents(_worker_tokenizer, texts)
 
 
 def groups(texts: list[str], size: int = GROUP_BYTES) -> list[list[str]]:
@@ -72,7 +78,7 @@ def encode_parallel(tokenizer, texts: list[str], workers: int, desc: str) -> np.
             results = pool.imap(_encode_group, todo)
         try:
             for group, ids in zip(todo, results, strict=True):
-                parts.append(ids.astype(dtype))
+                parts.append(ids)
                 bar.update(sum(len(t) for t in group))
         finally:
             if pool is not None:
