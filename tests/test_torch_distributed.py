@@ -255,3 +255,18 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_writing(
     assert "the batch of 4 rows (batch_size=4 / grad_accum=1) does not split over 3 ranks" in (
         capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_a_rank_without_torchrun_rendezvous_gets_an_error_line(capsys, tmp_path, monkeypatch):
+    """WORLD_SIZE set by hand, without torchrun's MASTER_ADDR: one error line, not a traceback."""
+    from experiments.pretrain import main
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--backend", "torch", "--preset", "cpu-tiny", "--out", str(tmp_path / "run"),
+                 "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot join a torch process group of WORLD_SIZE=2 ranks")
+    assert "MASTER_ADDR" in err and "Traceback" not in err

@@ -48,7 +48,12 @@ def init_process_group() -> torch.device:
     """Join the torchrun job (idempotent); returns this rank's device."""
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except ValueError as e:  # WORLD_SIZE set without torchrun's MASTER_ADDR/MASTER_PORT
+            raise ConfigError(f"cannot join a torch process group of WORLD_SIZE="
+                              f"{os.environ.get('WORLD_SIZE')} ranks ({e}); launch with "
+                              f"torchrun --nproc-per-node N") from e
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
