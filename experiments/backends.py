@@ -38,6 +38,9 @@ class Backend(Protocol):
     def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         """Some parameters as numpy, by canonical name."""
 
+    def nonfinite(self) -> list[str]:
+        """Names of the parameters holding a NaN or an infinity (checked on the device)."""
+
     def model(self):
         """The framework's `TnT` with the current parameters."""
 

@@ -232,8 +232,7 @@ def check_finite(done: int, metrics: dict | None, t, backend, last_saved: int | 
     if problem is None and val_loss is not None and not math.isfinite(val_loss):
         problem = f"validation loss {val_loss}"
     if problem is None and params:
-        bad = [n for n, a in backend.arrays(list(param_specs(backend.cfg.model))).items()
-               if not np.isfinite(a).all()]
+        bad = backend.nonfinite()
         if bad:
             problem = f"non-finite parameters ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
     if problem is None:

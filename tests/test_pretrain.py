@@ -118,3 +118,28 @@ def test_sample_tokens_zero_ends_without_a_sample(corpus, tmp_path, capsys):
     assert run(corpus, tmp_path / "run", "jax", "--max-steps", "1", "--set", "sample_tokens=0") == 0
     out = capsys.readouterr().out
     assert "final val loss" in out and "sample:" not in out
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
+    """Before a save the guard asks the backend which parameters are not finite (reduced on the
+    device) instead of copying every weight to the host."""
+    from experiments.pretrain import Diverged, check_finite
+    from tnt.config import build_run_config
+
+    cfg = build_run_config("cpu-tiny")
+    backend = backend_class(name)(cfg)
+    assert backend.nonfinite() == []
+    bad = "decoder.layers.0.mlp.w_out"
+    if name == "jax":
+        params = dict(backend.state.params)
+        params[bad] = params[bad].at[0, 0].set(float("nan"))
+        backend.state = backend.state._replace(params=params)
+    else:
+        import torch
+
+        with torch.no_grad():
+            dict(backend.net.named_parameters())[bad].view(-1)[0] = float("inf")
+    assert backend.nonfinite() == [bad]
+    with pytest.raises(Diverged, match=f"non-finite parameters \\({bad}\\)"):
+        check_finite(3, None, cfg.train, backend, None, tmp_path, params=True)

@@ -125,6 +125,12 @@ def make_eval_step(graphdef: nnx.GraphDef, grad_accum: int = 1):
     return eval_step
 
 
+@jax.jit
+def _finite_flags(params: dict[str, jax.Array]) -> jax.Array:
+    """Whether each parameter (in sorted name order) is all finite, reduced on the devices."""
+    return jnp.stack([jnp.isfinite(params[n]).all() for n in sorted(params)])
+
+
 class JaxBackend:
     """What `experiments.pretrain` needs from a framework: init, step, evaluate, save, restore."""
 
@@ -182,6 +188,11 @@ class JaxBackend:
     def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         """Some parameters as numpy (e.g. the alphas for logging)."""
         return {n: sharding.to_numpy(self.state.params[n]) for n in names}
+
+    def nonfinite(self) -> list[str]:
+        """Parameters holding a NaN or an infinity (one flag each is read, not the weights)."""
+        flags = sharding.to_numpy(_finite_flags(self.state.params))
+        return [n for n, ok in zip(sorted(self.state.params), flags, strict=True) if not ok]
 
     def model(self) -> TnT:
         return merge_params(self.graphdef, self.state.params)

@@ -178,6 +178,14 @@ class TorchBackend:
         named = dict(self.net.named_parameters())  # FSDP2: gathered on every rank
         return {n: distributed.full(named[n].detach()).cpu().numpy().copy() for n in names}
 
+    def nonfinite(self) -> list[str]:
+        """Parameters holding a NaN or an infinity: one flag each computed on the device (under
+        FSDP2 each rank checks its shards and the flags are summed over the ranks)."""
+        named = list(self.net.named_parameters())
+        bad = torch.stack([(~torch.isfinite(distributed.local(p.detach()))).any() for _, p in named])
+        flags = self.replica.sum(*bad.double().tolist())
+        return [n for (n, _), b in zip(named, flags, strict=True) if b]
+
     def model(self) -> TnT:
         """The trained module (under FSDP2 its parameters are this rank's shards)."""
         return self.net
