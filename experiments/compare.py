@@ -116,9 +116,14 @@ def default_lr(args: argparse.Namespace, norm: str) -> float:
     return cfg.train.resolved(norm).lr
 
 
+def sweeping(args: argparse.Namespace) -> bool:
+    """--sweep, or a rate list given (which implies it)."""
+    return bool(args.sweep or args.ngpt_lrs or args.rmsnorm_lrs)
+
+
 def grids(args: argparse.Namespace) -> dict[str, list[float]]:
     """The rates each norm trains at."""
-    sweep = args.sweep or args.ngpt_lrs or args.rmsnorm_lrs
+    sweep = sweeping(args)
     out = {}
     for norm in NORMS:
         listed, single = getattr(args, f"{norm}_lrs"), getattr(args, f"{norm}_lr")
@@ -134,8 +139,7 @@ def grids(args: argparse.Namespace) -> dict[str, list[float]]:
 
 def plan(args: argparse.Namespace) -> list[Run]:
     """Seed-major order, norms interleaved: a cut-short sweep still holds whole seeds of both."""
-    seeds = args.seeds if args.seeds is not None else (SWEEP_SEEDS if args.sweep or args.ngpt_lrs
-                                                        or args.rmsnorm_lrs else 1)
+    seeds = args.seeds if args.seeds is not None else (SWEEP_SEEDS if sweeping(args) else 1)
     if seeds < 1:
         raise CompareError(f"--seeds must be >= 1, got {seeds}")
     g = grids(args)

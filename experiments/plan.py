@@ -144,7 +144,6 @@ def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS)
 
 class DoesNotFit(Exception):
     def __init__(self, result: dict) -> None:
-        self.result = result
         c = result["config"]
         super().__init__(
             f"the train step needs {human(result['needed_bytes'])} "

@@ -44,8 +44,7 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
-             "lr",  # lr: continuing a diverged run from its last good checkpoint with a lower rate
-             "fsdp"}  # how this launch spreads the steps (FSDP2 or DDP), see LAUNCH
+             "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
 # Train fields that describe the launch, not the run: a resume takes them from its own command
 # line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
 LAUNCH = {"fsdp"}
@@ -92,7 +91,7 @@ def resume_config(saved: RunConfig, args: argparse.Namespace) -> RunConfig:
     values = {**dataclasses.asdict(saved.model), **train, **explicit_overrides(args)}
     cfg = build_run_config("cpu", values, args.set)
     diff = config_differences(cfg.model, saved.model) + [
-        d for d in config_differences(cfg.train, saved.train) if d.split(":")[0] not in RESUMABLE]
+        d for d in config_differences(cfg.train, saved.train) if d.split(":")[0] not in RESUMABLE | LAUNCH]
     if diff:
         raise ConfigError("cannot resume with a different config: " + "; ".join(diff))
     return cfg

@@ -165,7 +165,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.min_lr < 0:
             raise ConfigError(f"min_lr must be >= 0, got {self.min_lr}")
-        if not 0 <= self.sample_temperature < float("inf"):
+        if self.sample_temperature < 0:  # infinities are refused with every float field
             raise ConfigError(f"sample_temperature must be >= 0 (0 is greedy), got {self.sample_temperature}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")

@@ -220,12 +220,13 @@ def _attend_auto(q, k, v, mask_BxLxS) -> jax.Array:
     head_dim = q.shape[-1]
     fused = ("cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
              and head_dim <= 128 else "xla")
-    return jax.lax.platform_dependent(
-        q, k, v, mask_BxLxS, cpu=_attend_einsum,
-        cuda=lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3][:, None], scale=1.0,
-                                                     implementation=fused),
-        default=lambda *a: jax.nn.dot_product_attention(*a[:3], mask=a[3][:, None], scale=1.0,
-                                                        implementation="xla"))
+
+    def kernel(implementation: str):
+        return lambda q, k, v, mask: jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=1.0, implementation=implementation)
+
+    return jax.lax.platform_dependent(q, k, v, mask_BxLxS, cpu=_attend_einsum,
+                                      cuda=kernel(fused), default=kernel("xla"))
 
 
 def _attend_einsum(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS) -> jax.Array:
