@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments.backends import BACKENDS, BackendUnavailable
 from experiments.pretrain import batch_spec
-from tnt.checkpoint_io import find_checkpoint
+from tnt.checkpoint_io import newest_readable
 from tnt.checkpoint_meta import CheckpointError
 from tnt.data import (
     Batches,
@@ -102,11 +102,14 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
     weights); for one that does, it must be the same."""
     if batches < 1:
         raise DataError(f"--batches must be >= 1, got {batches}")
-    step_dir, kind = find_checkpoint(path)
-    backend = backend or kind
-    if backend not in SCORERS:
+    if backend is not None and backend not in SCORERS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    score, cfg, tok = SCORERS[backend](step_dir)
+
+    def load(step_dir: Path, kind: str):  # the newest checkpoint that loads (a warning if older)
+        return SCORERS[backend or kind](step_dir), step_dir, kind
+
+    (score, cfg, tok), step_dir, kind = newest_readable(path, load)
+    backend = backend or kind
     if tokenizer == "bpe":
         raise DataError("--tokenizer bpe would train a new vocabulary; name the run's tokenizer.json")
     if tokenizer is not None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import prepare
+from experiments.evaluate import evaluate
 from experiments.pretrain import main
 from experiments.run_lock import RunLock
 from tnt.checkpoint_io import CheckpointFallback, committed, read_canonical
@@ -138,6 +139,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(backend, run
     with pytest.warns(CheckpointFallback, match=f"{newest}.*previous checkpoint .*3"):
         _, meta = read_canonical(run)
     assert meta["step"] == 3
+    with pytest.warns(CheckpointFallback):  # held-out evaluation falls back alike
+        assert evaluate(run, corpus, batches=1)["step"] == 3
     with pytest.warns(CheckpointFallback):
         assert main(args(backend, corpus, run, "--resume", "--max-steps", "6")) == 0
     assert "moved the unreadable checkpoint" in capsys.readouterr().out
