@@ -192,3 +192,29 @@ def test_caches_follow_the_reference_position_transform(arch):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
         outs.append(as_lists(cached))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_torch_fused_weights_live_for_one_request(use_cache):
+    """torch decoding computes its fused/scaled weights (w_qkv, w_in * s_uv, lm_head * s_z) once
+    per request: nothing stays on the model afterwards, and a weight changed between requests
+    through `.data` (which no version counter sees) is used by the next one."""
+    from tnt_torch.model import TnT
+
+    cfg = tiny_config("decoder_only", "ngpt")
+    prompt = [np.array([5, 6, 7], np.int32)]
+
+    def first_logits(model):
+        out = tg.generate(model, prompt, 2, use_cache=use_cache, return_logits=True)
+        return out.logits[0][0]
+
+    model = TnT(cfg, seed=0).eval()
+    before = first_logits(model)
+    assert not any("_decoding_memo" in m.__dict__ for m in model.modules())
+    fresh = TnT(cfg, seed=0).eval()
+    for m in (model, fresh):
+        m.lm_head.data.mul_(0.5)
+        m.decoder.layers[0].attn.wq.data.mul_(0.5)
+    after = first_logits(model)
+    assert not np.allclose(after, before)
+    np.testing.assert_array_equal(after, first_logits(fresh))

@@ -80,10 +80,7 @@ def like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def shard(net: TnT) -> TnT:
     """FSDP2: each block is one all-gather unit, the root holds the embeddings, lm_head and s_z;
-    `fully_shard` turns the parameters into DTensors sharded on dim 0, in place. No module keeps
-    weights derived from gathered parameters (`tnt_torch.model._derived`'s cache)."""
-    for module in net.modules():
-        module.cache_derived = False
+    `fully_shard` turns the parameters into DTensors sharded on dim 0, in place."""
     for stack in (net.encoder, net.decoder):
         for layer in ([] if stack is None else stack.layers):
             fully_shard(layer)

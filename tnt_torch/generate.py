@@ -140,7 +140,8 @@ def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int,
     batch = prepare(cfg, prompts, max_new_tokens, 1, warn)
     run = _generate_cached if use_cache else _generate_uncached
     eos = cfg.eos_id if stop_at_eos else None
-    out, lbuf = run(model, batch, sampling, return_logits, eos)
+    with model.decoding():
+        out, lbuf = run(model, batch, sampling, return_logits, eos)
     logits = None
     if return_logits:
         logits = np.zeros((len(batch.lengths_B), batch.n_new, cfg.vocab_size), np.float32)

@@ -9,6 +9,7 @@ with no transposes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -165,20 +166,16 @@ class DecodeCache:
         self.layers, self.cross_mask = layers, cross_mask
 
 
-def _derived(module: nn.Module, name: str, fn, *params: torch.Tensor) -> torch.Tensor:
-    """`fn()`, a tensor computed from `params` (a fused or scaled weight), kept on `module` and
-    reused in inference mode (decoding; not a no_grad evaluation, whose copies would outlive it)
-    while the parameters are unchanged (same storage and
-    version counter): decoding calls each layer once per token with the same weights. Not under
-    FSDP2 (`tnt_torch.distributed.shard` sets `cache_derived = False`): it gathers parameters into
-    reused storage with their version counters preserved, so the key cannot see a new step."""
-    if not torch.is_inference_mode_enabled() or not module.__dict__.get("cache_derived", True):
+def _derived(module: nn.Module, name: str, fn) -> torch.Tensor:
+    """`fn()`, a fused or scaled weight. Inside `TnT.decoding()` it is computed once and reused
+    (decoding calls each layer once per token with the same weights); the memo goes with the
+    request, so no copy outlives it and no later change of the weights can be missed."""
+    memo = module.__dict__.get("_decoding_memo")
+    if memo is None:
         return fn()
-    key = [(p._version, p.data_ptr()) for p in params]
-    hit = module.__dict__.get(f"_derived_{name}")
-    if hit is None or hit[0] != key:
-        hit = module.__dict__[f"_derived_{name}"] = (key, fn())
-    return hit[1]
+    if name not in memo:
+        memo[name] = fn()
+    return memo[name]
 
 
 class Mask:
@@ -261,8 +258,7 @@ class Attention(nn.Module):
         B, L, D = x_BxLxD.shape
         H, K = self.n_heads, self.head_dim
         if kv_BxSxD is x_BxLxD:
-            w_qkv = _derived(self, "w_qkv", lambda: torch.cat([self.wq, self.wk, self.wv], 1),
-                             self.wq, self.wk, self.wv)
+            w_qkv = _derived(self, "w_qkv", lambda: torch.cat([self.wq, self.wk, self.wv], 1))
             qkv = project(x_BxLxD, w_qkv, self.dtype).view(B, L, 3, H, K)
             qk = self._qk(qkv[:, :, :2], rope, positions_BxL)
             q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
@@ -300,8 +296,8 @@ class MLP(nn.Module):
     def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
         # ngpt: (x @ w_in) * s_uv*sqrt(d) computed as x @ (w_in * s_uv*sqrt(d)), a [d, 2F]
         # product instead of a [B, L, 2F] one (equal up to rounding).
-        w_in = (_derived(self, "w_in", lambda: self.w_in * (self.s_uv * self.sqrt_d), self.w_in,
-                         self.s_uv) if self.ngpt else self.w_in)
+        w_in = (_derived(self, "w_in", lambda: self.w_in * (self.s_uv * self.sqrt_d))
+                if self.ngpt else self.w_in)
         u, v = project(x_BxLxD, w_in, self.dtype).split(self.hidden, dim=-1)
         act = F.gelu(v, approximate="none") if self.activation == "gelu" else F.silu(v)
         return project(u * act, self.w_out, self.dtype)
@@ -483,9 +479,22 @@ class TnT(nn.Module):
 
     def _logits(self, h_BxLxD: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "ngpt":  # s_z * (h @ lm_head), as h @ (lm_head * s_z): [d, V] not [B, L, V]
-            head = _derived(self, "head", lambda: self.lm_head * self.s_z, self.lm_head, self.s_z)
+            head = _derived(self, "head", lambda: self.lm_head * self.s_z)
             return _at_least_float32(project(h_BxLxD, head, self.dtype))
         return _at_least_float32(project(h_BxLxD, self.lm_head, self.dtype))
+
+    @contextlib.contextmanager
+    def decoding(self):
+        """Within it, each fused or scaled weight (`_derived`) is computed once and reused by
+        every call: for one decoding request, whose weights do not change."""
+        modules = list(self.modules())
+        for m in modules:
+            m.__dict__["_decoding_memo"] = {}
+        try:
+            yield self
+        finally:
+            for m in modules:
+                m.__dict__.pop("_decoding_memo", None)
 
     def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
         """Preallocated self-attention caches of `length` positions for `batch` rows; for
