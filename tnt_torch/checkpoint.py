@@ -38,18 +38,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _is_step_dir(path: Path) -> bool:
-    return path.name.isdigit() and (path / META_FILE).is_file()
-
-
-def steps(directory: str | Path) -> list[int]:
-    """The committed steps in a checkpoints folder, ascending."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if _is_step_dir(p))
-
-
 def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
          optimizer: dict[str, np.ndarray], meta: dict, keep: int | None = None) -> Path:
     """Write step `step` atomically under `directory` and keep only the last `keep` steps."""
@@ -77,8 +65,8 @@ def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
         os.replace(tmp, final)
     _fsync(directory)
     if keep is not None:
-        for s in steps(directory)[:-keep]:
-            shutil.rmtree(directory / str(s), ignore_errors=True)
+        for old_step, _ in checkpoint_io.committed(directory)[keep:]:  # newest first
+            shutil.rmtree(old_step, ignore_errors=True)
     return final
 
 
