@@ -6,7 +6,9 @@ the pytest-xdist workers and the subprocesses they start (through the environmen
 distinct program once per session; a cached executable is the compiled program itself, so every
 result is the same. The folder is the session's own (nothing carries over between sessions) and
 is removed at its end. A cache size makes JAX lock the folder around each read and write, so a
-process never reads an entry another one is still writing.
+process never reads an entry another one is still writing; each write then scans the folder, so
+only programs that take 0.1 s or more to compile (models and steps, not single eager operations,
+which each process caches in memory) are written.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 SETTINGS = {  # JAX reads these from the environment in a subprocess; the same values in-process
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_compile_time_secs": 0.1,
     "jax_persistent_cache_min_entry_size_bytes": -1,
     "jax_compilation_cache_max_size": 1 << 34,
 }
