@@ -7,20 +7,19 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tnt import checkpoint_io
-from tnt.backend import Launch, Loaded, Role, env_int
-from tnt.checkpoint_io import read_for_model
+from tnt.backend import Launch, Role, env_int
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.data import check_token_ids
 from tnt.generation import Generation, Sampling
 from tnt_torch import checkpoint, distributed
+from tnt_torch.checkpoint import load  # noqa: F401 (the adapter's `load`)
 from tnt_torch.generate import generate as _generate
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, to_canonical
@@ -189,11 +188,6 @@ def trainer(cfg: RunConfig, role: Role | None = None) -> Trainer:
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> TnT:
     return TnT(cfg, seed=seed).eval()
-
-
-def load(path: str | Path, expect: ModelConfig | None = None) -> Loaded:
-    params, cfg, tokenizer, meta = read_for_model(path, expect)
-    return Loaded(load_canonical(TnT(cfg.model), params).eval(), cfg, tokenizer, meta)
 
 
 def _checked(model: TnT, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
