@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.checkpoints import Checkpoint, locate, read_checkpoint
 from tnt import analysis
 from tnt.checkpoint_meta import CheckpointError
+from tnt.checkpoints import Checkpoint, locate, read_checkpoint
 
 FIGSIZE, DPI = (12.0, 5.0), 100  # every PNG is 1200 x 500 pixels
 CURVE_TAGS = ("train/loss", "val/loss", "train/lr", "train/tokens_per_sec")
