@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from experiments import bench_generate
+from experiments.flags import Parser
 from tnt.backend import BACKENDS, BackendUnavailable, backend
 from tnt.config import DTYPES, PRESETS, ConfigError, RunConfig, build_run_config
 from tnt.flops import datasheet_peak, flops_per_token
@@ -44,8 +45,8 @@ N_BATCHES = 4  # distinct synthetic batches, cycled
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.bench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="time the train step")
     train.add_argument("--backend", choices=BACKENDS, default="jax")

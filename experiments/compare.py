@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 from experiments import evaluate as held_out
 from experiments import pretrain
 from experiments.analyze import DPI, FIGSIZE, read_scalars
+from experiments.flags import Parser
 from tnt.backend import BACKENDS
 from tnt.checkpoint_io import read_meta
 from tnt.checkpoint_meta import CheckpointError
@@ -65,8 +66,8 @@ class CompareError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.compare", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"], default="encoder_decoder")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from experiments.flags import Parser
 from tnt.backend import BACKENDS, backend
 
 
@@ -44,8 +45,8 @@ def _safely(framework: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.doctor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.doctor", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     infos = [_safely(name) for name in BACKENDS]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.flags import Parser
 from tnt.backend import BACKENDS, BackendUnavailable
 from tnt.backend import backend as backend_module
 from tnt.checkpoint_io import newest_readable
@@ -114,8 +115,8 @@ def describe(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.evaluate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir, its checkpoints folder or a step folder (either backend)")
     p.add_argument("--data", required=True, help="text file or folder, or a prepared token folder")
     p.add_argument("--backend", choices=BACKENDS, help="framework that computes the loss "

@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.flags import Parser
 from tnt.backend import BACKENDS, Backend, BackendUnavailable, backend
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import ConfigError
@@ -28,8 +29,8 @@ from tnt.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_spec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.generate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, checkpoints dir or step dir")
     p.add_argument("--prompt", action="append", default=[],
                    help="text to answer or continue (repeatable: one batch)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments.flags import Parser
 from tnt.backend import BACKENDS, BackendUnavailable, Launch
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import PRESETS, ConfigError, build_run_config, parse_set
@@ -26,8 +27,8 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.pretrain", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
