@@ -496,17 +496,17 @@ class TnT(nn.Module):
             for m in modules:
                 m.__dict__.pop("_decoding_memo", None)
 
-    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
+    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None, enc_BxSxD=None) -> DecodeCache:
         """Preallocated self-attention caches of `length` positions for `batch` rows; for
-        encoder_decoder, the encoder runs here once and each layer's cross-attention keys and
-        values are computed once."""
+        encoder_decoder, the encoder runs here once (unless its output `enc_BxSxD` is given) and
+        each layer's cross-attention keys and values are computed once."""
         cfg, device = self.cfg, self.lm_head.device
         shape = (batch, cfg.n_heads, length, cfg.head_dim)
         enc_out, cross_mask = None, None
         if cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
-            enc_out = self.encode(enc_tokens_BxS)
+            enc_out = self.encode(enc_tokens_BxS) if enc_BxSxD is None else enc_BxSxD
             valid = self._valid(enc_tokens_BxS)
             cross_mask = Mask(False, None if valid is None else valid[:, None, None, :])
         dtype = self.lm_head.dtype if self.dtype == torch.float32 else self.dtype  # project's
