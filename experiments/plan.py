@@ -33,6 +33,7 @@ import json
 import math
 import sys
 
+from experiments.flags import Parser
 from tnt.config import PRESETS, REMATS, ConfigError, RunConfig, build_run_config, parse_set
 from tnt.data import DataError, make_tokenizer
 from tnt.params import param_specs
@@ -221,8 +222,8 @@ def describe(name: str, r: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.plan", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
                    help="size the vocabulary as a run with this tokenizer would (default: the "
