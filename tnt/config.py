@@ -259,6 +259,9 @@ def did_you_mean(name: str, choices) -> str:
 
 # Presets: the CPU default and GPU-sized shapes up to the nGPT paper's 0.5B and 1B models
 # (24 layers x d 1024 x 16 heads; 36 layers x d 1280 x 20 heads, context 4096 in the paper).
+# The vocabulary comes from the run's tokenizer, and with it the size: the paper's 0.5B and 1B
+# assume LLaMA-2's 32k vocabulary (468.5M and 1,026.2M parameters with its appended pad); the
+# default byte tokenizer gives 403.5M and 944.9M (`python -m experiments.plan` prints the count).
 # Each GPU preset's microbatch (batch_size / grad_accum) is the one `python -m experiments.plan`
 # finds to fit its device (README, "Planning a run"): gpu-small one 80 GB GPU, ngpt-0.5b and
 # ngpt-1b one 141 GB H200, in float32 without remat (bf16 and remat leave more room).
