@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from tnt import checkpoint_io
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
-from tnt.config import RunConfig
+from tnt.config import ConfigError, RunConfig
 from tnt.data import check_token_ids
 from tnt_jax import checkpoint, sharding
 from tnt_jax.generate import inference
@@ -137,6 +137,9 @@ class JaxBackend:
     name = "jax"
 
     def __init__(self, cfg: RunConfig, mesh: Mesh | None = None) -> None:
+        if cfg.train.compile is False:  # true and none (auto) describe the jitted step
+            raise ConfigError("compile=false applies to --backend torch: the JAX train step is "
+                              "always compiled by XLA (jax.jit)")
         self.cfg = cfg
         self.mesh = mesh or sharding.build_mesh(sharding.MeshShape.parse("", jax.device_count()))
         sharding.check_fits(sharding.mesh_shape(self.mesh), cfg)

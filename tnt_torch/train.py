@@ -17,7 +17,7 @@ import torch
 
 from tnt import checkpoint_io
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
-from tnt.config import RunConfig
+from tnt.config import RunConfig, TrainConfig
 from tnt.data import check_token_ids
 from tnt_torch import checkpoint, distributed
 from tnt_torch.generate import inference
@@ -33,20 +33,15 @@ def configure_threads() -> None:
             torch.set_num_threads(n)
 
 
-COMPILE_ENV = "TNT_TORCH_COMPILE"
-
-
-def want_compile(compile: bool | None = None) -> bool:
-    """Whether to compile the blocks: the argument, else `TNT_TORCH_COMPILE=1`; off by default.
-
-    Measured on the 2-core CPU, decoder_only d256 L4 H4, batch 8 x 256, vocab 320
-    (`experiments.bench`): eager 365 ms/step (5.6k tok/s), compiled 350-360 ms/step; one thread:
-    10-15% less CPU time per step, also on the `cpu` preset. The first compile costs 30-40 s (2-3 s
-    once inductor's on-disk cache is warm), so it pays only for runs of many minutes.
-    """
-    if compile is not None:
-        return compile
-    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile the blocks: the `compile` field, or with `compile=none`, on for CUDA and
+    off elsewhere. On the CPU compiled and eager steps measure within noise of each other
+    (docs/results.md) while the first compile costs tens of seconds; on a GPU inductor fuses the
+    many elementwise ops of the normalized residual, RoPE and the q/k norms into few kernels.
+    FSDP2 with compile is refused by the config (`TrainConfig`)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type == "cuda" and not cfg.fsdp
 
 
 def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
@@ -97,16 +92,15 @@ def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor
 class TorchBackend:
     """What `experiments.pretrain` needs from a framework: init, step, evaluate, save, restore.
 
-    With `compile=True` or `TNT_TORCH_COMPILE=1` the blocks go through `torch.compile` (see
-    `want_compile`); if the first compiled step fails (no C++ compiler, an unsupported
+    With `compile` on (the config field, `want_compile`) the blocks go through `torch.compile`,
+    also under DDP; if the first compiled step fails (no C++ compiler, an unsupported
     platform), the backend warns and continues eagerly. Compiled and eager steps differ by float
     rounding only.
     """
 
     name = "torch"
 
-    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None,
-                 compile: bool | None = None) -> None:
+    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None) -> None:
         configure_threads()
         self.cfg = cfg
         if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
@@ -117,11 +111,7 @@ class TorchBackend:
         self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
-        self.compiled = want_compile(compile)
-        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
-            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
-                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
-            self.compiled = False
+        self.compiled = want_compile(cfg.train, self.device)
         self._unproven = self.compiled  # the first compiled step may still fall back
         if self.compiled:
             self.net.compile_blocks()
