@@ -47,6 +47,9 @@ class Trainer:
     name = name
 
     def __init__(self, cfg: RunConfig, mesh: Mesh | None = None) -> None:
+        if cfg.train.compile is False:  # true and none (auto) describe the jitted step
+            raise ConfigError("compile=false applies to --backend torch: the JAX train step is "
+                              "always compiled by XLA (jax.jit)")
         self.cfg = cfg
         self.mesh = mesh or sharding.build_mesh(sharding.MeshShape.parse("", jax.device_count()))
         sharding.check_fits(sharding.mesh_shape(self.mesh), cfg)

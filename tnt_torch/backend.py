@@ -33,16 +33,15 @@ class Trainer:
     """The training state of a torch run (`tnt.backend.Trainer`): the model, the `TnTOptimizer`
     and this rank's `distributed.Replica`.
 
-    With `compile=True` or `TNT_TORCH_COMPILE=1` the blocks go through `torch.compile` (see
-    `want_compile`); if the first compiled step fails (no C++ compiler, an unsupported
-    platform), the backend warns and continues eagerly. Compiled and eager steps differ by float
+    With `compile` on (the config field, `want_compile`) the blocks go through `torch.compile`,
+    also under DDP; if the first compiled step fails (no C++ compiler, an unsupported
+    platform), the trainer warns and continues eagerly. Compiled and eager steps differ by float
     rounding only.
     """
 
     name = name
 
-    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None,
-                 compile: bool | None = None) -> None:
+    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None) -> None:
         configure_threads()
         self.cfg = cfg
         if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
@@ -53,11 +52,7 @@ class Trainer:
         self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
-        self.compiled = want_compile(compile)
-        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
-            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
-                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
-            self.compiled = False
+        self.compiled = want_compile(cfg.train, self.device)
         self._unproven = self.compiled  # the first compiled step may still fall back
         if self.compiled:
             self.net.compile_blocks()
