@@ -220,7 +220,8 @@ class Run:
                                               f"{time.strftime('%Y%m%d-%H%M%S')}")
         self._resume: tuple[dict, Sequence[str]] | None = None
         self.meta: dict | None = None  # the checkpoint a resume continues
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | None = None  # built by fit(), kept for inspection afterwards
+        self.last_saved: int | None = None  # the newest good checkpoint's step (restored or saved)
 
     @classmethod
     def resume(cls, out: str | Path, backend: str = "jax", overrides: dict | None = None,
