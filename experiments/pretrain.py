@@ -40,7 +40,7 @@ from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
                "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "seed": "seed",
                "eval_every": "eval_every", "ckpt_every": "ckpt_every", "tokenizer": "tokenizer",
-               "analysis_every": "analysis_every"}
+               "analysis_every": "analysis_every", "text_field": "text_field"}
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
@@ -57,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
     p.add_argument("--norm", choices=["ngpt", "rmsnorm"])
-    p.add_argument("--data", help="stdlib (default), a text file or folder, or a prepared "
-                                  "token folder (python -m experiments.prepare)")
+    p.add_argument("--data", help="stdlib (default), a text file or folder, a prepared token folder "
+                                  "(python -m experiments.prepare), a dataset file or folder (parquet, "
+                                  "jsonl, json, arrow, save_to_disk) or hf:OWNER/NAME[:CONFIG]")
+    p.add_argument("--text-field", help="the dataset column that holds the text (text)")
     p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
                    help="byte (default), a BPE trained on the train split, or a Hugging Face "
                         "tokenizer.json (its special ids become pad/bos/eos)")
@@ -168,17 +170,17 @@ def prepare_run(args: argparse.Namespace):
                                       f"resume it with --backend {meta['backend']}")
             cfg = resume_config(RunConfig.from_dict(meta["config"]), args)
             corpus = load_corpus(cfg.train.data, tokenizer_from_spec(meta["tokenizer"]),
-                                 cfg.train.val_percent)
+                                 cfg.train.val_percent, text_field=cfg.train.text_field)
         else:  # killed before its first checkpoint committed: start it again from its config
             cfg = resume_config(saved_run_config(out), args)
             corpus = load_corpus(cfg.train.data, cfg.train.tokenizer, cfg.train.val_percent,
-                                 cfg.train.bpe_vocab_size)
+                                 cfg.train.bpe_vocab_size, cfg.train.text_field)
     else:
         if ckpt_dir.is_dir() and checkpoint_io.committed(ckpt_dir):
             raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue "
                                   f"it or choose another --out (nothing was changed)")
         corpus = load_corpus(cfg.train.data, cfg.train.tokenizer, cfg.train.val_percent,
-                             cfg.train.bpe_vocab_size)
+                             cfg.train.bpe_vocab_size, cfg.train.text_field)
         cfg = fit_tokenizer(cfg, corpus.tokenizer, "vocab_size" in sets)
     batches = Batches(batch_spec(cfg), corpus.train, corpus.val, cfg.train.seed)
     return Backend, cfg, out, ckpt_dir, meta, corpus, batches
@@ -325,6 +327,8 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
     if getattr(corpus.tokenizer, "note", None):
         print(corpus.tokenizer.note)
+    for note in corpus.notes:
+        print(note)
     val_loss = float("nan")
     tick, tick_step = time.perf_counter(), start
     began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
