@@ -138,6 +138,7 @@ def _flush(buffers: dict[str, list[str]], encoder: Encoder, writer: TokenDirWrit
         if texts:
             writer.append(split, encoder.encode(texts), text_bytes(texts))
             texts.clear()
+    encoder.bar.set_postfix_str(f"train {writer.tokens['train']:,} val {writer.tokens['val']:,} tokens")
 
 
 def main(argv=None) -> int:
