@@ -16,6 +16,8 @@ from experiments.prepare import main as prepare_main  # noqa: E402
 from experiments.prepare import prepare  # noqa: E402
 from experiments.pretrain import main as pretrain_main  # noqa: E402
 from tnt.data import (  # noqa: E402
+    Batches,
+    BatchSpec,
     DataError,
     TokenDirWriter,
     encode_documents,
@@ -90,6 +92,16 @@ def test_a_datasets_own_validation_split_is_used(sources, name):
     note = corpus.notes[0]
     assert "split 'train'" in note and "split 'validation'" in note
     assert ("test not read" in note) == (name == "saved")
+
+
+def test_an_empty_validation_split_is_refused_by_name(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 9}) + "\n"
+                                                  for i in range(20)))
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"text": None}) + "\n")
+    corpus = load_corpus(str(tmp_path))
+    assert len(docs(corpus.train)) == 20 and len(corpus.val) == 0
+    with pytest.raises(DataError, match="the val split has 0 tokens"):
+        Batches(BatchSpec("decoder_only", 2, 8, 0, None), corpus.train, corpus.val, 0)
 
 
 def test_text_field_picks_the_column_and_a_missing_one_is_named(sources):

@@ -202,6 +202,8 @@ def split_documents(source: str, val_percent: float, text_field: str = "text") -
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     """One stream: each document's tokens followed by eos."""
+    if not texts:  # a dataset's own validation split may hold no text
+        return np.zeros(0, token_dtype(tokenizer.vocab_size))
     if isinstance(tokenizer, BPETokenizer):
         parts = tokenizer.encode_batch(texts)
     else:
