@@ -9,7 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is part of dev")
+# Offline before `datasets` is imported: it reads these once; no test here may reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets  # noqa: E402  (the hf extra, which dev includes)
 
 from experiments.evaluate import evaluate  # noqa: E402
 from experiments.prepare import main as prepare_main  # noqa: E402
