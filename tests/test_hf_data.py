@@ -177,6 +177,15 @@ def test_an_unreachable_hub_and_a_missing_datasets_library_are_named(monkeypatch
         load_corpus("hf:a/b")
 
 
+def test_a_file_that_does_not_parse_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not a parquet file")
+    for name in ("bad.jsonl", "bad.parquet"):
+        assert pretrain_main(TINY + ["--data", str(tmp_path / name), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: datasets cannot read '{tmp_path / name}'")
+
+
 def test_a_folder_mixing_dataset_and_text_files_is_refused(sources, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "b.txt").write_text("y")

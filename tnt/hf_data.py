@@ -72,6 +72,7 @@ def _datasets():
     except ImportError as e:
         raise DataError("reading a dataset needs the `datasets` library: "
                                  "pip install 'tnt[hf]'") from e
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log repeats our DataError
     return datasets
 
 
@@ -135,7 +136,7 @@ def texts(dataset, text_field: str, source: str, split: str) -> Iterator[str]:
     if columns is not None and len(columns) > 1:
         dataset = dataset.select_columns([text_field])  # never decode images or other columns
     row = 0
-    for batch in dataset.iter(batch_size=ROWS_PER_BATCH):
+    for batch in _batches(dataset, source, split):
         if text_field not in batch:
             raise missing_field(text_field, list(batch), source, split)
         for value in batch[text_field]:
@@ -145,6 +146,19 @@ def texts(dataset, text_field: str, source: str, split: str) -> Iterator[str]:
                                          f"column with --text-field")
             row += 1
             yield value or ""
+
+
+def _batches(dataset, source: str, split: str) -> Iterator[dict]:
+    """The dataset's rows a batch at a time; a file that fails to parse is named."""
+    batches = iter(dataset.iter(batch_size=ROWS_PER_BATCH))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # pyarrow's ArrowInvalid, datasets' DatasetGenerationError, OSError
+            raise DataError(f"datasets cannot read {source!r} ({split}): {type(e).__name__}: {e}") from e
+        yield batch
 
 
 def missing_field(field: str, columns: Iterable[str], source: str, split: str) -> DataError:
