@@ -70,8 +70,7 @@ def _datasets():
     try:
         import datasets
     except ImportError as e:
-        raise DataError("reading a dataset needs the `datasets` library: "
-                                 "pip install 'tnt[hf]'") from e
+        raise DataError("reading a dataset needs the `datasets` library: pip install 'tnt[hf]'") from e
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log repeats our DataError
     return datasets
 
@@ -96,7 +95,7 @@ def load_splits(source: str) -> dict[str, object]:
                 why = ("the machine is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if _offline()
                        else "the Hub cannot be reached")
                 raise DataError(f"cannot fetch {source}: {why}; download it on a machine that "
-                                         f"is online (datasets' save_to_disk) and pass that folder") from e
+                                f"is online (datasets' save_to_disk) and pass that folder") from e
         elif is_saved(path):
             splits = datasets.load_from_disk(str(path))
         elif path.is_file():
@@ -119,7 +118,7 @@ def choose_splits(source: str, names: list[str]) -> tuple[str, str | None, str]:
         train_name = names[0]
     else:
         raise DataError(f"dataset {source!r} has no {TRAIN_SPLIT!r} split (it has "
-                                 f"{', '.join(names)}); keep the training rows in a split named train")
+                        f"{', '.join(names)}); keep the training rows in a split named train")
     val_name = next((n for n in VAL_SPLITS if n in names), None)
     unused = [n for n in names if n not in (train_name, val_name)]
     note = (f"note: dataset {source}: training on split {train_name!r}, validating on "
@@ -142,8 +141,8 @@ def texts(dataset, text_field: str, source: str, split: str) -> Iterator[str]:
         for value in batch[text_field]:
             if value is not None and not isinstance(value, str):
                 raise DataError(f"field {text_field!r} of row {row} of {source!r} ({split}) "
-                                         f"holds {type(value).__name__}, not text; choose a text "
-                                         f"column with --text-field")
+                                f"holds {type(value).__name__}, not text; choose a text "
+                                f"column with --text-field")
             row += 1
             yield value or ""
 
@@ -163,7 +162,7 @@ def _batches(dataset, source: str, split: str) -> Iterator[dict]:
 
 def missing_field(field: str, columns: Iterable[str], source: str, split: str) -> DataError:
     return DataError(f"dataset {source!r} ({split}) has no text field {field!r}; its columns "
-                              f"are {', '.join(columns)} (choose one with --text-field)")
+                     f"are {', '.join(columns)} (choose one with --text-field)")
 
 
 class Rows:
