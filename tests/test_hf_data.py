@@ -132,10 +132,21 @@ def test_pretrain_on_a_dataset_saves_its_text_field(sources, tmp_path, capsys, n
     assert cfg["text_field"] == ("title" if extra else "text") and cfg["data"] == str(sources / name)
     r = evaluate(out, str(sources / name), batches=1)
     assert np.isfinite(r["loss"]) and r["notes"]
+    if extra:  # evaluate reads the run's own text field unless told otherwise
+        assert r["stream_bytes"] == sum(len(t.encode()) for t in rows(40)["title"])
+        assert evaluate(out, str(sources / name), batches=1, text_field="text")["stream_bytes"] == sum(
+            len(t.encode()) for t in rows(40)["text"] if t)
     if name == "saved":  # scored on the dataset's own validation split (or train, on request)
         val = sum(len(t.encode()) for t in rows(12, "val")["text"] if t)
         assert r["stream_bytes"] == val
         assert evaluate(out, str(sources / name), batches=1, split="train")["stream_bytes"] > val
+
+
+def test_compare_passes_text_field_to_every_run_as_a_setting():
+    from experiments.compare import parse_args
+
+    args = parse_args(["--text-field", "title", "--set", "seq_len=8"])
+    assert args.set == ["seq_len=8", "text_field=title"]
 
 
 def test_a_missing_text_field_is_one_error_line(sources, tmp_path, capsys):
