@@ -3,6 +3,7 @@ written here, train and prepare; binary files in a text folder; prepare's bounde
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def rows(n: int, tag: str = "train") -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """The same rows as a parquet file, a jsonl file, and a save_to_disk folder with its own
+    """The same rows as a parquet, a jsonl and an arrow file, and a save_to_disk folder with its own
     validation and test splits; a folder of parquet files named by split."""
     root = tmp_path_factory.mktemp("datasets")
     train = datasets.Dataset.from_dict(rows(40))
@@ -61,6 +62,7 @@ def sources(tmp_path_factory):
     splits = datasets.DatasetDict({"train": train, "validation": datasets.Dataset.from_dict(rows(12, "val")),
                                    "test": datasets.Dataset.from_dict(rows(5, "test"))})
     splits.save_to_disk(str(root / "saved"))
+    shutil.copy(next((root / "saved" / "train").glob("*.arrow")), root / "rows.arrow")
     (root / "pq").mkdir()
     splits["train"].to_parquet(str(root / "pq" / "train-00000.parquet"))
     splits["validation"].to_parquet(str(root / "pq" / "validation-00000.parquet"))
@@ -74,7 +76,7 @@ def docs(stream: np.ndarray) -> list[str]:
     return [tok.decode(part) for part in np.split(np.asarray(stream), cuts + 1)[:-1]]
 
 
-@pytest.mark.parametrize("name", ["rows.parquet", "rows.jsonl"])
+@pytest.mark.parametrize("name", ["rows.parquet", "rows.jsonl", "rows.arrow"])
 def test_a_dataset_file_is_its_text_column_split_by_a_hash_of_the_text(sources, name):
     corpus = load_corpus(str(sources / name))
     texts = [t for t in rows(40)["text"] if t]
