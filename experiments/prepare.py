@@ -28,6 +28,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from experiments.flags import Parser
 from tnt.data import (
     SPLITS,
     Corpus,
@@ -142,8 +143,8 @@ def _flush(buffers: dict[str, list[str]], encoder: Encoder, writer: TokenDirWrit
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.prepare", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="stdlib", help="stdlib, a text file or folder, a dataset file or "
                    "folder (parquet, jsonl, json, arrow, save_to_disk) or hf:OWNER/NAME[:CONFIG]")
     p.add_argument("--text-field", default="text", help="the dataset column that holds the text (text)")
