@@ -23,7 +23,7 @@ from tnt.run import Diverged, Run
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
                "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "seed": "seed",
                "eval_every": "eval_every", "ckpt_every": "ckpt_every", "tokenizer": "tokenizer",
-               "analysis_every": "analysis_every"}
+               "analysis_every": "analysis_every", "text_field": "text_field"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
     p.add_argument("--norm", choices=["ngpt", "rmsnorm"])
-    p.add_argument("--data", help="stdlib (default), a text file or folder, or a prepared "
-                                  "token folder (python -m experiments.prepare)")
+    p.add_argument("--data", help="stdlib (default), a text file or folder, a prepared token folder "
+                                  "(python -m experiments.prepare), a dataset file or folder (parquet, "
+                                  "jsonl, json, arrow, save_to_disk) or hf:OWNER/NAME[:CONFIG]")
+    p.add_argument("--text-field", help="the dataset column that holds the text (text)")
     p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
                    help="byte (default), a BPE trained on the train split, or a Hugging Face "
                         "tokenizer.json (its special ids become pad/bos/eos)")

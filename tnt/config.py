@@ -135,6 +135,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     data: str = "stdlib"
+    text_field: str = "text"  # the column of a `datasets` source that holds the text
     tokenizer: str = "byte"  # "byte", "bpe" or the path of a Hugging Face tokenizer.json
     bpe_vocab_size: int = 1024
     val_percent: float = 5.0
@@ -194,6 +195,8 @@ class TrainConfig:
                               f"got {self.tokenizer!r}")
         if not 0 < self.val_percent < 100:
             raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
+        if not self.text_field:
+            raise ConfigError("text_field must name a column of the dataset, got ''")
 
     def check_rows_split(self, shards: int, over: str) -> None:
         """Each of `shards` (data-parallel devices or ranks, described by `over`) takes an equal

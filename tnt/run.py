@@ -273,7 +273,7 @@ class Run:
                 raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to "
                                       f"continue it or choose another --out (nothing was changed)")
             t = self.cfg.train
-            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size)
+            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size, t.text_field)
             self.cfg = fit_tokenizer(self.cfg, self.corpus.tokenizer, self.keep_vocab_size)
         else:
             self._prepare_resume(*self._resume)
@@ -290,11 +290,11 @@ class Run:
                                       f"backend; resume it with --backend {self.meta['backend']}")
             self.cfg = resume_config(RunConfig.from_dict(self.meta["config"]), overrides, sets)
             self.corpus = load_corpus(self.cfg.train.data, tokenizer_from_spec(self.meta["tokenizer"]),
-                                      self.cfg.train.val_percent)
+                                      self.cfg.train.val_percent, text_field=self.cfg.train.text_field)
         else:  # killed before its first checkpoint committed: start it again from its config
             self.cfg = resume_config(saved_run_config(self.out), overrides, sets)
             t = self.cfg.train
-            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size)
+            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size, t.text_field)
 
     def _train(self) -> float:
         """Write the run's config, build or restore the trainer, then run the loop."""
@@ -331,6 +331,8 @@ class Run:
               f"run dir {self.out}", flush=True)
         if getattr(self.corpus.tokenizer, "note", None):
             print(self.corpus.tokenizer.note)
+        for note in self.corpus.notes:
+            print(note)
         val_loss = float("nan")
         self.tick = (time.perf_counter(), start)
         self.began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
