@@ -20,6 +20,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from experiments.flags import Parser
 from tnt.checkpoint_io import read_canonical
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import ConfigError
@@ -39,8 +40,8 @@ def export(run: str | Path, out: str | Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.export", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir, checkpoints dir or step dir (either backend)")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write (new or empty)")
     return p.parse_args(argv)
