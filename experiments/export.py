@@ -24,7 +24,7 @@ from experiments.flags import Parser
 from tnt.checkpoint_io import read_canonical
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import ConfigError
-from tnt.hf_export import write_export
+from tnt.hf_export import TOKENIZER, write_export
 
 
 def modeling_source() -> Path:
@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not (out / TOKENIZER).exists():
+        print(f"note: {args.run} carries no tokenizer (imported weights): no tokenizer files were "
+              f"written; add the source's tokenizer.json to {out} yourself", file=sys.stderr)
     print(f"exported {args.run} to {out}; load it with transformers' from_pretrained({str(out)!r}, "
           f"trust_remote_code=True)")
     return 0
