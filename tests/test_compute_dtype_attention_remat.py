@@ -92,7 +92,7 @@ def train_batch(cfg: RunConfig, rng) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("backend_cls", [JaxTrainer, partial(TorchTrainer, compile=False)],
+@pytest.mark.parametrize("backend_cls", [JaxTrainer, TorchTrainer],
                          ids=["jax", "torch"])
 def test_bf16_training_keeps_float32_parameters_on_the_sphere(backend_cls, rng):
     cfg = run_config("encoder_decoder", "ngpt", dtype="bfloat16")
@@ -116,7 +116,7 @@ def test_bf16_jax_optimizer_state_stays_float32(rng):
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
 
 
-@pytest.mark.parametrize("backend_cls", [JaxTrainer, partial(TorchTrainer, compile=False)],
+@pytest.mark.parametrize("backend_cls", [JaxTrainer, TorchTrainer],
                          ids=["jax", "torch"])
 def test_bf16_training_ends_close_to_fp32(backend_cls):
     """The issue's criterion (within 2% of the fp32 run's loss) on a tiny run: 30 steps on a fixed

@@ -121,6 +121,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1  # microbatches per global batch of batch_size rows
     fsdp: bool = False  # torch under torchrun: FSDP2 (fully_shard) instead of DDP
+    compile: bool | None = None  # torch: torch.compile the blocks; None: on with CUDA, off on the CPU
     seq_len: int = 64  # decoder length (decoder_only: the window is seq_len + 1 tokens)
     enc_len: int = 0  # encoder length for encoder_decoder; 0 means seq_len
     lr: float | None = None  # ngpt 15e-4, rmsnorm 6e-4
@@ -179,6 +180,12 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not isinstance(self.fsdp, bool):
             raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true, false or none (auto), got {self.compile!r}")
+        if self.compile and self.fsdp:
+            raise ConfigError("compile=true is not supported with fsdp=true: FSDP2's per-block "
+                              "hooks under torch.compile are untested here; use compile=false "
+                              "(or none) with fsdp, or DDP with compile")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
                               f"grad_accum={self.grad_accum}")

@@ -49,7 +49,7 @@ RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_chec
              "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
 # Train fields that describe the launch, not the run: a resume takes them from its own command
 # line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
-LAUNCH = {"fsdp"}
+LAUNCH = {"fsdp", "compile"}
 
 
 class Diverged(RuntimeError):
