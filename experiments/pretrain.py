@@ -200,7 +200,7 @@ def remove_stale_temp(ckpt_dir: Path) -> None:
     """Temp folders of saves interrupted by a kill; only the lock holder may remove them."""
     for tmp in checkpoint_io.stale_temp_folders(ckpt_dir):
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"removed {tmp}, the temp folder of an interrupted save", flush=True)
+        print(f"removed {tmp}, left by an interrupted save or prune", flush=True)
 
 
 def restore_latest(backend, ckpt_dir: Path, main: bool = True) -> dict:

@@ -98,3 +98,33 @@ def test_a_session_opened_in_the_same_second_still_supersedes_the_earlier_one(tm
     files = sorted(p.name for p in tb.iterdir())
     assert files[-1].endswith(f".{os.getpid()}"), files
     assert scalars(tmp_path, "train/loss") == [(1, 11.0), (2, 2.0), (3, 3.0)]
+
+
+def test_a_kill_while_pruning_leaves_nothing_a_start_does_not_remove(corpus, tmp_path, capsys):
+    """Pruning renames a step aside before deleting it, so a kill leaves the committed step or a
+    listed leftover; a start removes every leftover, also a numbered folder that is not a step
+    (what a writer deleting file by file leaves)."""
+    run = tmp_path / "run"
+    killed_run("prune:3", *args("torch", corpus, run, "--set", "keep_checkpoints=1"))
+    assert [p.name for p, _ in committed(run)] == ["6"]
+    partial = run / "checkpoints" / "2"
+    partial.mkdir()
+    (partial / "meta.json").write_text("{}")
+    assert [p.name for p in stale_temp_folders(run / "checkpoints")] == [".tmp-pruned", "2"]
+    assert main(args("torch", corpus, run, "--resume", "--max-steps", "9",
+                     "--set", "keep_checkpoints=1")) == 0
+    assert "left by an interrupted save or prune" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["9"]
+
+
+def test_jax_pruning_goes_through_the_pruned_folder(tmp_path):
+    """orbax deletes a step file by file; it renames it into `PRUNED` first, which `wait` empties."""
+    import jax.numpy as jnp
+
+    from tnt_jax import checkpoint
+
+    manager = checkpoint.open_manager(tmp_path, keep=1)
+    for step in (1, 2, 3):
+        checkpoint.save(manager, step, {"w": jnp.full((2,), float(step))}, {"step": step})
+    checkpoint.wait(manager)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]

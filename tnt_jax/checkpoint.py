@@ -3,11 +3,12 @@ restoring onto devices only; locating and reading checkpoints is `tnt.checkpoint
 
 Layout: `RUN_DIR/checkpoints/<step>/{state,meta}`. orbax writes each step to a temporary folder
 and renames it on commit, so a crash never leaves a half-written step that looks complete, and
-the manager keeps only the last `keep` steps.
+the manager keeps only the last `keep` steps (`open_manager`).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -22,15 +23,25 @@ from tnt_jax.model import TnT, load_canonical
 
 
 def open_manager(directory: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None)
+    """A manager keeping the last `keep` steps; orbax deletes a step file by file, so a pruned
+    step is first renamed into `checkpoint_io.PRUNED` (a kill then leaves no partial step)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None,
+                                           todelete_subdir=checkpoint_io.PRUNED)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
+    checkpoint_io.empty_pruned(manager.directory)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                meta=ocp.args.JsonSave(meta)))
     kill_point(f"save:{step}")  # orbax is still writing (asynchronously) here
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Let the save in flight commit, then delete the steps it pruned."""
+    manager.wait_until_finished()
+    shutil.rmtree(Path(str(manager.directory)) / checkpoint_io.PRUNED, ignore_errors=True)
 
 
 def restore(step_dir: str | Path, target: dict, expected: ModelConfig) -> tuple[dict, dict]:

@@ -206,7 +206,7 @@ class JaxBackend:
         checkpoint.save(self.manager, step, self.state._asdict(), meta)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        checkpoint.wait(self.manager)
 
     def restore(self, path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)

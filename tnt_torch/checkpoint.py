@@ -5,8 +5,9 @@ Layout: `RUN_DIR/checkpoints/<step>/{params.safetensors, optimizer.safetensors, 
 reads the same as a JAX export; `optimizer.safetensors` holds Adam's `exp_avg`, `exp_avg_sq` and
 `step` per canonical name. A step is written into a hidden temporary folder and renamed into
 place with `os.replace`, so a crash never leaves a half-written step that looks complete; only
-the last `keep` steps are kept. The metadata is `tnt.checkpoint_meta`'s, shared with JAX;
-locating and reading checkpoints is `tnt.checkpoint_io`'s.
+the last `keep` steps are kept, pruned through `tnt.checkpoint_io.prune` (renamed aside before
+they are deleted). The metadata is `tnt.checkpoint_meta`'s, shared with JAX; locating and
+reading checkpoints is `tnt.checkpoint_io`'s.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
     _fsync(directory)
     if keep is not None:
         for old_step, _ in checkpoint_io.committed(directory)[keep:]:  # newest first
-            shutil.rmtree(old_step, ignore_errors=True)
+            checkpoint_io.prune(old_step)
     return final
 
 
