@@ -79,9 +79,13 @@ def torch_scorer(path):
 SCORERS = {"jax": jax_scorer, "torch": torch_scorer}
 
 
-def held_out_stream(data: str, tokenizer, split: str = "val") -> tuple[np.ndarray, int]:
-    """(token stream, bytes of text behind it) of a text path or a token folder's split."""
+def held_out_stream(data: str, tokenizer, split: str | None = None) -> tuple[np.ndarray, int]:
+    """(token stream, bytes of text behind it) of a text path (all of it) or a token folder's
+    split (val unless `split` names another)."""
+    if split not in (None, "val", "train"):
+        raise DataError(f"--split must be val or train, got {split!r}")
     if is_prepared(data):
+        split = split or "val"
         corpus = read_token_dir(data)
         if not same_tokenizer(corpus.tokenizer.spec, tokenizer.spec):
             raise DataError(f"token folder {data!r} was written with another tokenizer "
@@ -89,6 +93,9 @@ def held_out_stream(data: str, tokenizer, split: str = "val") -> tuple[np.ndarra
                             f"than the checkpoint's ({tokenizer.spec['kind']}, vocab "
                             f"{tokenizer.vocab_size}); prepare it with the run's tokenizer")
         return getattr(corpus, split), corpus.split_bytes(split)
+    if split is not None:
+        raise DataError(f"--split {split} applies to a prepared token folder; the text at {data!r} "
+                        f"is scored whole (it is the held-out text), so leave --split out")
     texts = [t for t in (read_text(p) for _, p in text_files(data)) if t]
     if not texts:
         raise DataError(f"data path {data!r} has no text to evaluate on")
@@ -96,7 +103,7 @@ def held_out_stream(data: str, tokenizer, split: str = "val") -> tuple[np.ndarra
 
 
 def evaluate(path: str | Path, data: str, backend: str | None = None, batches: int = 32,
-             split: str = "val", tokenizer: str | None = None) -> dict:
+             split: str | None = None, tokenizer: str | None = None) -> dict:
     """Loss (nats/token), bits per token and per byte of a checkpoint on held-out data.
     `tokenizer` ("byte" or a tokenizer.json) is for a checkpoint that carries none (imported
     weights); for one that does, it must be the same."""
@@ -128,8 +135,14 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
         raise DataError(f"tokenizer {tokenizer!r}: {e}") from e
     stream, n_bytes = held_out_stream(data, tok, split)
     if n_bytes == 0:
-        raise DataError(f"data {data!r} ({split}) has no text to evaluate on")
-    windows = Batches(batch_spec(cfg), stream, stream, cfg.train.seed)
+        raise DataError(f"data {data!r} ({split or 'all'}) has no text to evaluate on")
+    spec = batch_spec(cfg)
+    if len(stream) < spec.window:  # the window is the checkpoint's: no flag here changes it
+        raise DataError(f"data {data!r} has {len(stream)} tokens, fewer than one window of the "
+                        f"checkpoint's {spec.window} tokens (its seq_len {spec.seq_len}"
+                        + (f" + enc_len {spec.enc_len}" if spec.arch == "encoder_decoder" else " + 1")
+                        + "); score more text")
+    windows = Batches(spec, stream, stream, cfg.train.seed)
     total, count = 0.0, 0
     for batch in windows.eval_batches(batches):
         s, c = score(batch)
@@ -156,8 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=BACKENDS, help="framework that computes the loss "
                                                        "(default: the checkpoint's)")
     p.add_argument("--batches", type=int, default=32, help="batches of windows to score (32)")
-    p.add_argument("--split", choices=["val", "train"], default="val",
-                   help="which split of a token folder to score (val)")
+    p.add_argument("--split", choices=["val", "train"],
+                   help="which split of a token folder to score (default val; a text path is "
+                        "scored whole)")
     p.add_argument("--tokenizer", metavar="byte|PATH", help="for a checkpoint without one "
                    "(imported weights); otherwise it must be the checkpoint's")
     p.add_argument("--json", action="store_true")

@@ -27,10 +27,12 @@ from experiments import launch
 from experiments.backends import BACKENDS, BackendUnavailable, backend_class
 from experiments.dynamics import Dynamics
 from experiments.run_lock import RunLock
+from experiments.stopping import Stopped, stop_on_signals
 from tnt import checkpoint_io
-from tnt.checkpoint_meta import CheckpointError, config_differences
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, config_differences
 from tnt.config import PRESETS, ConfigError, RunConfig, build_run_config, parse_set
 from tnt.data import Batches, BatchSpec, DataError, load_corpus
+from tnt.events import EventWriter
 from tnt.params import param_specs
 from tnt.schedule import learning_rate
 from tnt.special_ids import tokenizer_special_ids
@@ -132,6 +134,9 @@ class Diverged(RuntimeError):
 
 
 def run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty; name the run directory (or leave --out out for "
+                          "runs/<backend>-<arch>-<norm>-<time>)")
     out = Path(args.out or f"runs/{args.backend}-{cfg.model.arch}-{cfg.model.norm}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
@@ -170,7 +175,14 @@ def prepare_run(args: argparse.Namespace):
             corpus = load_corpus(cfg.train.data, tokenizer_from_spec(meta["tokenizer"]),
                                  cfg.train.val_percent)
         else:  # killed before its first checkpoint committed: start it again from its config
+            if not ckpt_dir.is_dir():  # every run makes it as it starts
+                raise CheckpointError(
+                    f"{ckpt_dir} is missing (deleted?), so there is nothing to resume; put the "
+                    f"checkpoints back, or start again at step 0 without --resume (its TensorBoard "
+                    f"steps are then superseded)")
             cfg = resume_config(saved_run_config(out), args)
+            print(f"note: {out} holds no committed checkpoint yet (killed before its first); "
+                  f"starting it again at step 0 from its config.json", flush=True)
             corpus = load_corpus(cfg.train.data, cfg.train.tokenizer, cfg.train.val_percent,
                                  cfg.train.bpe_vocab_size)
     else:
@@ -216,18 +228,22 @@ def restore_latest(backend, ckpt_dir: Path, main: bool = True) -> dict:
     return meta
 
 
-def check_finite(done: int, metrics: dict | None, t, backend, last_saved: int | None,
+def check_finite(done: int, metrics: dict | None, cfg: RunConfig, backend, last_saved: int | None,
                  ckpt_dir: Path, params: bool = False, val_loss: float | None = None) -> None:
     """The divergence guard: raise Diverged when the train loss or gradient norm (or, before a
     save or the dynamics, any parameter; or the validation loss) is not finite, or the train
-    loss exceeds `max_loss`."""
-    problem = None
+    loss exceeds the run's `loss_ceiling` (by default twice ln(vocab_size))."""
+    problem, ceiling = None, cfg.loss_ceiling
     if metrics is not None:
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             problem = f"train loss {loss}, gradient norm {gnorm}"
-        elif t.max_loss and loss > t.max_loss:
-            problem = f"train loss {loss:.4g} exceeds max_loss={t.max_loss:g}"
+        elif ceiling and loss > ceiling:
+            problem = (f"train loss {loss:.4g} exceeds max_loss={ceiling:g}"
+                       if cfg.train.max_loss is not None else
+                       f"train loss {loss:.4g} exceeds the divergence ceiling {ceiling:.4g} (twice "
+                       f"ln({cfg.model.vocab_size}), the loss of a uniform prediction; --set "
+                       f"max_loss=X sets another, 0 none)")
     if problem is None and val_loss is not None and not math.isfinite(val_loss):
         problem = f"validation loss {val_loss}"
     if problem is None and params:
@@ -249,7 +265,7 @@ def train(args: argparse.Namespace) -> float:
     """One run; in a multi-process job (torchrun, jax.distributed) every process calls it, and
     only the main one (`launch.Role.main`) holds the run folder's lock and writes to it."""
     role = launch.start(args)
-    lock = None
+    lock, out = None, None
     if role.main and args.out and Path(args.out).is_dir():  # a folder in use: name the holder first
         lock = RunLock(args.out)
         lock.acquire()
@@ -257,28 +273,31 @@ def train(args: argparse.Namespace) -> float:
         Backend, cfg, out, ckpt_dir, meta, corpus, batches = prepare_run(args)
         role.check(cfg)
         make_run_dir(out)
-        if role.main:
-            if lock is None:
-                lock = RunLock(out)
-                lock.acquire()
-            lock.record()
-        return _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches)
+        if role.main and lock is None:
+            lock = RunLock(out)
+            lock.acquire()
+        return _train_locked(args, role, lock, Backend, cfg, out, ckpt_dir, meta, corpus, batches)
+    except Stopped as e:  # the loop's `finally` let a save in flight commit
+        e.run_dir = out
+        raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> float:
+def _train_locked(args, role, lock, Backend, cfg, out, ckpt_dir, meta, corpus, batches) -> float:
+    backend = Backend(cfg, **role.backend_kwargs)
+    last_saved = None
+    if meta is not None:  # an unreadable checkpoint is refused before anything is written
+        last_saved = restore_latest(backend, ckpt_dir, role.main)["step"]
     if role.main:
+        lock.record()
+        ckpt_dir.mkdir(exist_ok=True)  # marks a started run: --resume refuses a folder without it
         remove_stale_temp(ckpt_dir)
     if meta is None and role.main:
         if isinstance(corpus.tokenizer, BPETokenizer):
             corpus.tokenizer.save(out / "tokenizer.json")
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    backend = Backend(cfg, **role.backend_kwargs)
-    last_saved = None
-    if meta is not None:
-        last_saved = restore_latest(backend, ckpt_dir, role.main)["step"]
     backend.open(ckpt_dir, cfg.train.keep_checkpoints)
     start = backend.step_count
     writer = event_writer(out / "tb", start) if role.main else launch.NullWriter()
@@ -293,8 +312,10 @@ def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches
         writer.close()
 
 
-def event_writer(tb: Path, start: int):
-    """The TensorBoard writer of a session that starts after `start` steps, one file per process.
+def event_writer(tb: Path, start: int) -> EventWriter:
+    """The TensorBoard writer of a session that starts after `start` steps, one file per process;
+    it writes synchronously, so a flush before a save puts every step the checkpoint covers on
+    disk (`tnt.events`).
 
     Events an earlier session logged after `start` are superseded by this one's (TensorBoard's
     purge step), so every step shows once. TensorBoard reads a folder's event files in name
@@ -302,8 +323,6 @@ def event_writer(tb: Path, start: int):
     second would be ordered by their pid suffix, and the earlier session's purge could then erase
     the later one's steps. So a session waits until its second is later than every existing
     file's before it opens its own."""
-    from tensorboardX import SummaryWriter
-
     seconds = [int(p.name.split(".")[3]) for p in tb.glob("events.out.tfevents.*")
                if p.name.split(".")[3].isdigit()] if tb.is_dir() else []
     wait = max(seconds, default=0) + 1 - time.time()
@@ -312,8 +331,8 @@ def event_writer(tb: Path, start: int):
               "TensorBoard may show superseded steps", file=sys.stderr)
     elif wait > 0:
         time.sleep(wait)
-    return SummaryWriter(str(tb), purge_step=start + 1 if tb.is_dir() else None,
-                         filename_suffix=f".{os.getpid()}")
+    return EventWriter(tb, purge_step=start + 1 if tb.is_dir() else None,
+                       filename_suffix=f".{os.getpid()}")
 
 
 def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
@@ -337,7 +356,7 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
         analyse = dynamics is not None and (done % t.analysis_every == 0 or last)
         save = done % t.ckpt_every == 0 or last
         if log or evaluate or analyse or save:  # the guard reads the device only when due
-            check_finite(done, metrics, t, backend, last_saved, ckpt_dir, params=analyse or save)
+            check_finite(done, metrics, cfg, backend, last_saved, ckpt_dir, params=analyse or save)
         if log:
             loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
             now = time.perf_counter()
@@ -353,14 +372,16 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         if evaluate:
             val_loss = backend.evaluate(batches.eval_batches(t.eval_batches))
-            check_finite(done, None, t, backend, last_saved, ckpt_dir, val_loss=val_loss)
+            check_finite(done, None, cfg, backend, last_saved, ckpt_dir, val_loss=val_loss)
             writer.add_scalar("val/loss", val_loss, done)
             writer.add_scalar("val/elapsed_sec", time.perf_counter() - began, done)
+            if last:  # before the last checkpoint commits: a resumed finished run logs it no more
+                writer.add_scalar("val/final_loss", val_loss, done)
             bar.write(f"step {done}: val loss {val_loss:.4f}")
         if analyse:
             dynamics.log(writer, backend, done)
         if save:
-            writer.flush()  # everything the checkpoint covers is on disk before it commits
+            writer.flush()  # every step the checkpoint covers is on disk before it commits
             backend.save(spec)
             last_saved = done
         bar.update(1)
@@ -368,7 +389,6 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
     backend.wait()
     if start >= t.max_steps:
         val_loss = backend.evaluate(batches.eval_batches(t.eval_batches))
-    writer.add_scalar("val/final_loss", val_loss, t.max_steps)
     print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
     if cfg.train.sample_tokens:  # 0: no end-of-run sample
         print("sample:", repr(sample_text(backend, cfg, corpus)))
@@ -386,21 +406,35 @@ def sample_text(backend, cfg: RunConfig, corpus) -> str:
     return prompt + " ⟶ " + backend.sample(tok, prompt, n, t.sample_temperature, t.seed)
 
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
 
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad input (one `error:` line; nothing written is changed),
-    3 training diverged (one `error:` line naming the step to resume from)."""
+    3 training diverged (one `error:` line naming the step to resume from), 4 a file could not be
+    written (a full disk: the committed checkpoints are intact), 130 Ctrl-C and 143 SIGTERM (one
+    `error:` line naming the step to resume from)."""
     args = parse_args(argv)
     try:
-        train(args)
+        with stop_on_signals():
+            train(args)
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except (ConfigError, DataError, CheckpointError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as e:  # e.g. the disk filled up while writing TensorBoard events
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; the committed checkpoints are intact (continue "
+              f"with --resume)", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except Stopped as e:
+        print(f"error: {e.message()}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences, kill_point
+from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences, kill_point, reason
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.params import check_canonical
 from tnt.special_ids import check_special_ids
@@ -131,7 +131,10 @@ def empty_pruned(directory: str | Path) -> None:
     """Delete the step folders a writer renamed into `PRUNED` (orbax's `todelete_subdir`); the
     folder itself stays, as a writer may be renaming the next one into it."""
     for old in sorted((Path(str(directory)) / PRUNED).glob("*")):
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # a step linked in from elsewhere: drop the link, keep its target
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(step_dir: Path, kind: str) -> dict:
@@ -198,7 +201,7 @@ def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     except CheckpointError:
         raise
     except Exception as e:  # tensorstore / safetensors raise their own types for bad files
-        raise CheckpointError(f"checkpoint {step_dir} is corrupt or partial: {e}") from e
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt or partial: {reason(e)}") from e
     try:
         check_canonical(params, cfg)
     except (KeyError, ValueError) as e:

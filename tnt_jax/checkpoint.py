@@ -8,7 +8,10 @@ the manager keeps only the last `keep` steps (`open_manager`).
 
 from __future__ import annotations
 
+import gc
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -17,9 +20,21 @@ from flax import nnx
 
 from tnt import checkpoint_io
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, kill_point
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, kill_point, reason
 from tnt.config import ModelConfig
 from tnt_jax.model import TnT, load_canonical
+
+
+class _BackgroundWriteErrors(logging.Filter):
+    """orbax logs a failed background write with its whole traceback, then raises the error in
+    the main thread, where `save`/`wait` turn it into one CheckpointWriteError line: drop the
+    log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_BackgroundWriteErrors())
 
 
 def open_manager(directory: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
@@ -32,16 +47,29 @@ def open_manager(directory: str | Path, keep: int | None = None) -> ocp.Checkpoi
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
+    """Start writing step `step` (orbax finishes it in the background; `wait` joins it). A write
+    that fails, now or in the background, is a CheckpointWriteError here or in `wait`."""
     checkpoint_io.empty_pruned(manager.directory)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # orbax raises the previous save's error, or its own, many types
+        raise _write_error(manager, e) from e
     kill_point(f"save:{step}")  # orbax is still writing (asynchronously) here
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
     """Let the save in flight commit, then delete the steps it pruned."""
-    manager.wait_until_finished()
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _write_error(manager, e) from e
     shutil.rmtree(Path(str(manager.directory)) / checkpoint_io.PRUNED, ignore_errors=True)
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+    return CheckpointWriteError(f"cannot write a checkpoint in {manager.directory}: {reason(error)}; "
+                                f"the steps committed before it are intact")
 
 
 def restore(step_dir: str | Path, target: dict, expected: ModelConfig) -> tuple[dict, dict]:
@@ -60,9 +88,23 @@ def restore(step_dir: str | Path, target: dict, expected: ModelConfig) -> tuple[
             state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
                 lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)))).state
     except Exception as e:  # orbax raises many types for corrupt folders
-        raise CheckpointError(f"checkpoint {step_dir} is corrupt or does not match the model: "
-                              f"{e}") from e
-    return state, meta
+        problem = reason(e)
+    else:
+        return state, meta
+    _drop_failed_reads()
+    raise CheckpointError(f"checkpoint {step_dir} is corrupt or does not match the model: {problem}")
+
+
+def _drop_failed_reads() -> None:
+    """Collect the read coroutines a failed orbax restore leaves behind, each holding an error
+    with the whole store spec, which Python would otherwise print (dozens of lines per array) as
+    "Exception ignored" when it frees them; the one-line CheckpointError says it all."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from tnt import checkpoint_io
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, kill_point
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, kill_point, reason
 from tnt.config import ModelConfig
 
 PARAMS_FILE = "params.safetensors"
@@ -41,21 +41,27 @@ def _fsync(path: Path) -> None:
 
 def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
          optimizer: dict[str, np.ndarray], meta: dict, keep: int | None = None) -> Path:
-    """Write step `step` atomically under `directory` and keep only the last `keep` steps."""
+    """Write step `step` atomically under `directory` and keep only the last `keep` steps. A
+    write that fails (a full disk) is a CheckpointWriteError, its temp folder removed."""
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / str(int(step))
     tmp = directory / f".tmp-{int(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: np.asarray(v, np.float32, order="C") for k, v in params.items()},
-              str(tmp / PARAMS_FILE), metadata={"format": "tnt-canonical-params"})
-    save_file({k: np.asarray(v, np.float32, order="C") for k, v in optimizer.items()},
-              str(tmp / OPTIMIZER_FILE), metadata={"format": "tnt-adam-state"})
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    for name in (PARAMS_FILE, OPTIMIZER_FILE, META_FILE):
-        _fsync(tmp / name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: np.asarray(v, np.float32, order="C") for k, v in params.items()},
+                  str(tmp / PARAMS_FILE), metadata={"format": "tnt-canonical-params"})
+        save_file({k: np.asarray(v, np.float32, order="C") for k, v in optimizer.items()},
+                  str(tmp / OPTIMIZER_FILE), metadata={"format": "tnt-adam-state"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        for name in (PARAMS_FILE, OPTIMIZER_FILE, META_FILE):
+            _fsync(tmp / name)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint step {int(step)} in {directory}: "
+                                   f"{reason(e)}; the steps committed before it are intact") from e
     kill_point(f"save:{int(step)}")
     if final.exists():  # re-saving a step: move the old one aside, then drop it
         old = directory / f".old-{int(step)}-{os.getpid()}"
