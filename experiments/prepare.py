@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from experiments.flags import Parser
 from tnt.data import (
     Corpus,
     DataError,
@@ -128,8 +129,8 @@ def check_out(out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.prepare", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="stdlib")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH")

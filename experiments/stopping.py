@@ -22,24 +22,24 @@ NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 class Stopped(BaseException):
     """A stop signal arrived. A BaseException, as KeyboardInterrupt is, so that no library's
-    `except Exception` swallows it; `run_dir` is set once the run folder is known."""
+    `except Exception` swallows it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(NAMES.get(signum, signal.Signals(signum).name))
-        self.signum, self.run_dir = signum, None
+        self.signum = signum
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
 
-    def message(self) -> str:
-        """Where the run stands: the step `--resume` continues from, or that there is none."""
-        ckpt_dir = Path(self.run_dir) / "checkpoints" if self.run_dir is not None else None
+    def message(self, run_dir: str | Path | None) -> str:
+        """Where the run in `run_dir` stands: the step `--resume` continues from, or none."""
+        ckpt_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
         found = checkpoint_io.committed(ckpt_dir) if ckpt_dir is not None and ckpt_dir.is_dir() else []
         if not found:
             return f"stopped by {self}, before the first checkpoint: nothing to resume, start it again"
         return (f"stopped by {self}; the last checkpoint is step {found[0][0].name} in {ckpt_dir}: "
-                f"continue with --resume --out {self.run_dir}")
+                f"continue with --resume --out {run_dir}")
 
 
 @contextmanager
