@@ -44,11 +44,15 @@ from tnt.tokenizer import same_tokenizer
 from tnt.units import bits_per_byte, bits_per_token, text_bytes
 
 
-def held_out_stream(data: str, tokenizer, split: str = "val",
+def held_out_stream(data: str, tokenizer, split: str | None = None,
                     text_field: str = "text") -> tuple[np.ndarray, int, list[str]]:
-    """(token stream, bytes of text behind it, notes on the reading) of a text path, a dataset,
-    or a token folder's split."""
+    """(token stream, bytes of text behind it, notes on the reading) of a text path (all of it), a
+    dataset (its validation split when it has one) or a token folder's split (val unless `split`
+    names another)."""
+    if split not in (None, "val", "train"):
+        raise DataError(f"--split must be val or train, got {split!r}")
     if is_prepared(data):
+        split = split or "val"
         corpus = read_token_dir(data)
         if not same_tokenizer(corpus.tokenizer.spec, tokenizer.spec):
             raise DataError(f"token folder {data!r} was written with another tokenizer "
@@ -57,7 +61,11 @@ def held_out_stream(data: str, tokenizer, split: str = "val",
                             f"{tokenizer.vocab_size}); prepare it with the run's tokenizer")
         return getattr(corpus, split), corpus.split_bytes(split), []
     docs = read_documents(data, text_field)
-    scored = docs.train if docs.val is None or split == "train" else docs.val
+    if docs.val is None and split is not None:
+        raise DataError(f"--split {split} applies to a prepared token folder or a dataset with a "
+                        f"validation split; the text at {data!r} is scored whole (it is the "
+                        f"held-out text), so leave --split out")
+    scored = docs.val if docs.val is not None and split != "train" else docs.train
     texts = [t for _, t in scored if t]
     if not texts:
         raise DataError(f"data path {data!r} has no text to evaluate on")
@@ -65,7 +73,8 @@ def held_out_stream(data: str, tokenizer, split: str = "val",
 
 
 def evaluate(path: str | Path, data: str, backend: str | None = None, batches: int = 32,
-             split: str = "val", tokenizer: str | None = None, text_field: str | None = None) -> dict:
+             split: str | None = None, tokenizer: str | None = None,
+             text_field: str | None = None) -> dict:
     """Loss (nats/token), bits per token and per byte of a checkpoint on held-out data.
     `tokenizer` ("byte" or a tokenizer.json) is for a checkpoint that carries none (imported
     weights); for one that does, it must be the same. `text_field` defaults to the run's."""
@@ -99,8 +108,14 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
         raise DataError(f"tokenizer {tokenizer!r}: {e}") from e
     stream, n_bytes, notes = held_out_stream(data, tok, split, text_field or cfg.train.text_field)
     if n_bytes == 0:
-        raise DataError(f"data {data!r} ({split}) has no text to evaluate on")
-    windows = Batches(batch_spec(cfg), stream, stream, cfg.train.seed)
+        raise DataError(f"data {data!r} ({split or 'all'}) has no text to evaluate on")
+    spec = batch_spec(cfg)
+    if len(stream) < spec.window:  # the window is the checkpoint's: no flag here changes it
+        raise DataError(f"data {data!r} has {len(stream)} tokens, fewer than one window of the "
+                        f"checkpoint's {spec.window} tokens (its seq_len {spec.seq_len}"
+                        + (f" + enc_len {spec.enc_len}" if spec.arch == "encoder_decoder" else " + 1")
+                        + "); score more text")
+    windows = Batches(spec, stream, stream, cfg.train.seed)
     total, count = 0.0, 0
     for batch in windows.eval_batches(batches):
         s, c = score(batch)
@@ -129,9 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=BACKENDS, help="framework that computes the loss "
                                                        "(default: the checkpoint's)")
     p.add_argument("--batches", type=int, default=32, help="batches of windows to score (32)")
-    p.add_argument("--split", choices=["val", "train"], default="val",
-                   help="which split of a token folder, or of a dataset with a validation split, "
-                        "to score (val)")
+    p.add_argument("--split", choices=["val", "train"],
+                   help="which split of a token folder or of a dataset with a validation split "
+                        "to score (default val; a text path is scored whole)")
     p.add_argument("--tokenizer", metavar="byte|PATH", help="for a checkpoint without one "
                    "(imported weights); otherwise it must be the checkpoint's")
     p.add_argument("--json", action="store_true")

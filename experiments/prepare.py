@@ -24,6 +24,8 @@ import argparse
 import multiprocessing
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -45,6 +47,7 @@ from tnt.units import text_bytes
 
 GROUP_CHARS = 1 << 20
 BUFFER_CHARS = 64 << 20
+RUN_MARKERS = ("config.json", "checkpoints", ".lock")  # what makes a folder a pretrain run
 _worker_tokenizer = None
 
 
@@ -142,6 +145,27 @@ def _flush(buffers: dict[str, list[str]], encoder: Encoder, writer: TokenDirWrit
     encoder.bar.set_postfix_str(f"train {writer.tokens['train']:,} val {writer.tokens['val']:,} tokens")
 
 
+def check_out(out: str) -> None:
+    """Refuse an `--out` that cannot become a token folder before any work: empty, a file, a
+    pretrain run folder (its files would mix), or a place that takes no files. Nothing is
+    created: the probe is an anonymous temporary file in the nearest existing folder."""
+    if not out.strip():
+        raise DataError("--out is empty; name the token folder to write")
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--out {out} is a file, not a token folder")
+    if any((path / name).exists() for name in RUN_MARKERS):
+        raise DataError(f"--out {out} is a pretrain run folder; write the tokens to a folder of "
+                        f"their own (e.g. {path / 'tokens'})")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise DataError(f"cannot write the token folder --out {out}: {e.strerror or e}") from e
+
+
 def main(argv=None) -> int:
     p = Parser(prog="python -m experiments.prepare", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +181,9 @@ def main(argv=None) -> int:
                    help="characters held before they are encoded, in units of 2**20 (64)")
     args = p.parse_args(argv)
     try:
+        check_out(args.out)
+        if not 0 < args.val_percent < 100:  # also nan
+            raise DataError(f"--val-percent must be in (0, 100), got {args.val_percent}")
         corpus = prepare(args.data, args.out, args.tokenizer, args.val_percent,
                          args.bpe_vocab_size, args.workers, args.text_field, int(args.buffer_mb * 2**20))
     except (DataError, ValueError) as e:

@@ -21,6 +21,8 @@ ACTIVATIONS = ("gelu", "silu")
 ROPE_MODES = ("rotate", "ngpt_reference")
 DTYPES = ("float32", "bfloat16")  # the compute dtype; parameters and optimizer state stay float32
 MIN_BPE_VOCAB = 256 + 3  # a BPE vocabulary holds every byte and the pad/bos/eos specials
+LOSS_CEILING_FACTOR = 2.0  # default divergence ceiling: twice the loss of a uniform prediction
+MAX_SEED = 2**63 - 1  # the largest seed every generator takes (jax.random.key, torch.manual_seed)
 REMATS = ("none", "block")  # activation checkpointing: keep every activation, or recompute per block
 
 
@@ -146,7 +148,7 @@ class TrainConfig:
     log_every: int = 10
     analysis_every: int = 100  # TensorBoard dynamics (tnt/dynamics.py); 0 disables
     sample_tokens: int = 64
-    max_loss: float = 0.0  # divergence guard: stop when the train loss exceeds it; 0 disables
+    max_loss: float | None = None  # divergence ceiling; None: RunConfig.loss_ceiling; 0 disables
     sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)
 
     def __post_init__(self) -> None:
@@ -157,12 +159,16 @@ class TrainConfig:
         for name in ("enc_len", "decay_steps", "sample_tokens", "analysis_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}" if self.seed < 0 else
+                              f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be > 0 (Adam divides by sqrt(v) + eps, and v is 0 for a "
+                              f"parameter without gradient), got {self.eps}")
         if self.bpe_vocab_size < MIN_BPE_VOCAB:
             raise ConfigError(f"bpe_vocab_size must be at least {MIN_BPE_VOCAB} (the 256 bytes and "
                               f"3 special tokens), got {self.bpe_vocab_size}")
-        if self.max_loss < 0:
+        if self.max_loss is not None and self.max_loss < 0:
             raise ConfigError(f"max_loss must be >= 0 (0 disables the ceiling), got {self.max_loss}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
@@ -238,6 +244,15 @@ class RunConfig:
         if m.has_encoder and t.encoder_len > m.max_len_encoder:
             raise ConfigError(
                 f"enc_len={t.encoder_len} exceeds the model's max_len_encoder={m.max_len_encoder}")
+
+    @property
+    def loss_ceiling(self) -> float:
+        """The train loss that stops a run as diverged (0: no ceiling): `max_loss`, by default
+        LOSS_CEILING_FACTOR times ln(vocab_size), the loss of a uniform prediction, which an
+        initialized model starts near and a learning one only goes below."""
+        if self.train.max_loss is not None:
+            return self.train.max_loss
+        return LOSS_CEILING_FACTOR * math.log(self.model.vocab_size)
 
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}

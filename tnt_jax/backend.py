@@ -119,7 +119,7 @@ class Trainer:
         checkpoint.save(self.manager, step, self.state._asdict(), meta)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        checkpoint.wait(self.manager)
 
     def restore(self, path: str | Path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
