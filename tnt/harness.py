@@ -37,8 +37,8 @@ BUCKET = 16  # padded lengths are multiples of this (capped at the model's maxim
 LabelScorer = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
-class RequestTooLong(ValueError):
-    """A continuation that does not fit the decoder's positions."""
+class HarnessError(ValueError):
+    """A request the model cannot score, or a task the harness cannot run (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def prefix_id(cfg: ModelConfig) -> int:
     else eos (the document separator of the training stream)."""
     prefix = cfg.bos_id if cfg.bos_id is not None else cfg.eos_id
     if prefix is None:
-        raise ValueError("the model has neither bos_id nor eos_id: an empty context has no token")
+        raise HarnessError("the model has neither bos_id nor eos_id: an empty context has no token")
     return prefix
 
 
@@ -64,15 +64,15 @@ def layout(cfg: ModelConfig, context: Sequence[int], continuation: Sequence[int]
     ctx = np.asarray(context, np.int32).reshape(-1)
     cont = np.asarray(continuation, np.int32).reshape(-1)
     if len(cont) == 0:
-        raise ValueError("a continuation to score needs at least one token")
+        raise HarnessError("a continuation to score needs at least one token")
     if len(cont) > cfg.max_len_decoder:
-        raise RequestTooLong(f"continuation of {len(cont)} tokens does not fit the decoder's "
+        raise HarnessError(f"continuation of {len(cont)} tokens does not fit the decoder's "
                              f"max_len_decoder={cfg.max_len_decoder} positions")
     if len(ctx) == 0:
         ctx = np.array([prefix_id(cfg)], np.int32)
     if cfg.has_encoder:
         if cfg.bos_id is None:
-            raise ValueError("encoder_decoder scoring starts the decoder from bos; the model has none")
+            raise HarnessError("encoder_decoder scoring starts the decoder from bos; the model has none")
         dec = np.concatenate([[cfg.bos_id], cont[:-1]]).astype(np.int32)
         return Layout(ctx[-cfg.max_len_encoder:], dec, cont)
     seq = np.concatenate([ctx, cont])[-(cfg.max_len_decoder + 1):]

@@ -180,9 +180,73 @@ def _sampling(kwargs: dict) -> Sampling:
                     int(kwargs.get("seed") or 0))
 
 
+class TaskError(harness.HarnessError):
+    """A task name the harness does not know, or task data it cannot load."""
+
+
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm_eval's TaskManager for `tasks`: the local folder's tasks alone when they are all there
+    (indexing the harness's own ~15k task files takes half a minute), else everything."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise TaskError(f"--include-path {include_path!r} is not a folder of task YAML files")
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(local.match_tasks([t]) for t in tasks):
+            return local
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise TaskError(f"unknown task(s) {', '.join(unknown)}: not in lm-eval's tasks"
+                        + ("" if include_path is None else f" nor in {include_path}"))
+    return manager
+
+
+def metrics(results: dict) -> dict[str, dict[str, float]]:
+    """Per task, each metric and its stderr (`acc`, `acc_stderr`), from simple_evaluate's results;
+    a metric under a filter other than lm_eval's "none" is named `<metric>_<filter>`."""
+    out: dict[str, dict[str, float]] = {}
+    for task, values in results["results"].items():
+        row = {}
+        for key, value in values.items():
+            name, _, filt = key.partition(",")
+            if not filt or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            row[name if filt == "none" else f"{name}_{filt}"] = float(value)
+        out[task] = row
+    return out
+
+
+def run_tasks(lm: TnTLM, tasks: list[str], limit: float | None = None, num_fewshot: int | None = None,
+              include_path: str | None = None, manager=None) -> dict:
+    """`tasks` through `lm_eval.simple_evaluate`: {"tasks": metrics per task, "table": lm_eval's
+    table}. Hub tasks download their data (set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 with a
+    filled cache, or use local tasks in `include_path`: a YAML and a jsonl each)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import make_table
+
+    if not tasks:
+        raise TaskError("no task given")
+    manager = manager or task_manager(tasks, include_path)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, log_samples=False, bootstrap_iters=1000,
+                                  verbosity="ERROR")
+    except (ConnectionError, FileNotFoundError, OSError) as e:
+        raise TaskError(f"the data of task(s) {', '.join(tasks)} did not load ({type(e).__name__}: "
+                        f"{e}); offline, use local tasks (--include-path) or a filled Hugging Face "
+                        f"cache with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1") from e
+    return {"tasks": metrics(results), "table": make_table(results)}
+
+
 def cli() -> None:
     """`tnt-lm-eval`: lm_eval's command with the `tnt` model registered."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
 
+
+
+if __name__ == "__main__":
+    cli()
