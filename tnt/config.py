@@ -9,6 +9,7 @@ field's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -245,8 +246,15 @@ def _from_dict(cls, d: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown {where} config field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {where} config field(s): "
+                          + ", ".join(repr(n) + did_you_mean(n, names) for n in unknown))
     return cls(**d)
+
+
+def did_you_mean(name: str, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # Presets: the CPU default and GPU-sized shapes up to the nGPT paper's 0.5B and 1B models
@@ -308,7 +316,8 @@ def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = 
         elif name in train_fields:
             train_kw[name] = _coerce(name, value, train_fields[name])
         else:
-            raise ConfigError(f"unknown config field {name!r}")
+            raise ConfigError(f"unknown config field {name!r}"
+                              + did_you_mean(name, [*model_fields, *train_fields]))
     return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw))
 
 
