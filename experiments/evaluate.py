@@ -156,8 +156,8 @@ def downstream(path: str | Path, tasks: list[str], backend: str | None = None, l
     try:
         from tnt.lm_eval_model import TnTLM, run_tasks, task_manager
     except ImportError as e:
-        raise BackendUnavailable(f"--tasks needs lm-evaluation-harness ({e.name} is missing): "
-                                 f"pip install 'tnt[eval]'") from e
+        raise BackendUnavailable(f"--tasks needs lm-evaluation-harness, the 'eval' extra ({e.name} "
+                                 f"is missing): pip install 'tnt[eval]'") from e
     manager = task_manager(tasks, include_path)  # an unknown task is refused before loading
     lm = TnTLM(run=str(path), backend=backend, batch_size=batch_size)
     return run_tasks(lm, tasks, limit, num_fewshot, include_path, manager)
