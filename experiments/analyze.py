@@ -251,7 +251,7 @@ def curve_numbers(curves) -> dict[str, float]:
     return out
 
 
-def write_report(out: Path, title: str, facts: dict[str, str], numbers: dict[str, float],
+def write_report(out: Path, title: str, facts: dict[str, object], numbers: dict[str, float],
                  images: dict[str, str], skipped: list[str]) -> Path:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in facts.items())
@@ -301,7 +301,7 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     numbers = curve_numbers(curves)
     if ckpt is not None:
         m = ckpt.config.model
-        facts.update({"backend": ckpt.backend, "step": str(ckpt.step), "checkpoint": str(ckpt.step_dir),
+        facts.update({"backend": ckpt.backend, "step": ckpt.step, "checkpoint": str(ckpt.step_dir),
                       "model": f"{m.arch}, {m.norm}, d_model {m.d_model}, {m.n_heads} heads, "
                                f"{m.n_encoder_layers if m.has_encoder else 0}+{m.n_decoder_layers} "
                                f"layers, F {m.hidden}, vocab {m.vocab_size}"})

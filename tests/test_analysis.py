@@ -2,6 +2,7 @@
 of `experiments.pretrain`, on tiny runs of both backends."""
 
 import importlib
+import json
 import re
 
 import numpy as np
@@ -201,6 +202,9 @@ def test_analyze_writes_readable_pngs_and_a_report_linking_them(run_dir, tmp_pat
     assert backend in page and "final val loss" in page
     if norm != "ngpt":
         assert "eigen_lrs.png" in page.split("Not applicable here:")[1].split("</p>")[0]
+    facts, numbers = json.loads((dest / "numbers.json").read_text()).values()
+    assert facts["step"] == 4 and facts["backend"] == backend  # typed, not strings
+    assert numbers and all(isinstance(v, float) for v in numbers.values())
 
 
 def test_analyze_refuses_a_path_without_checkpoint_or_events(tmp_path, capsys):
