@@ -44,7 +44,8 @@ FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
-             "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "lr",  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "eval_tasks", "eval_tasks_limit", "eval_tasks_path"}
 # Train fields that describe the launch, not the run: a resume takes them from its own command
 # line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
 LAUNCH = {"fsdp"}
@@ -275,6 +276,7 @@ def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches
         if isinstance(corpus.tokenizer, BPETokenizer):
             corpus.tokenizer.save(out / "tokenizer.json")
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    downstream = make_downstream(cfg, corpus.tokenizer, args.backend, role)
     backend = Backend(cfg, **role.backend_kwargs)
     last_saved = None
     if meta is not None:
@@ -286,7 +288,7 @@ def _train_locked(args, role, Backend, cfg, out, ckpt_dir, meta, corpus, batches
                mininterval=1.0, disable=not role.main)
     try:
         return _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
-                     last_saved)
+                     last_saved, downstream)
     finally:
         bar.close()
         backend.wait()  # a save in flight holds finite parameters: let it commit
@@ -316,8 +318,27 @@ def event_writer(tb: Path, start: int):
                          filename_suffix=f".{os.getpid()}")
 
 
+def make_downstream(cfg: RunConfig, tokenizer, backend: str, role):
+    """The `eval_tasks` runner (tnt.lm_eval_model.Downstream), or None when no task is named."""
+    t = cfg.train
+    if not t.task_names:
+        return None
+    if role.count > 1:
+        raise ConfigError("eval_tasks runs in one process; score a multi-process run's checkpoints "
+                          "with python -m experiments.evaluate RUN --tasks ...")
+    try:
+        from tnt.lm_eval_model import Downstream, TaskError
+    except ImportError as e:
+        raise ConfigError(f"eval_tasks needs lm-evaluation-harness, the 'eval' extra ({e.name} is "
+                          f"missing): pip install 'tnt[eval]'") from e
+    try:
+        return Downstream(t.task_names, t.eval_tasks_limit, t.eval_tasks_path, backend, tokenizer)
+    except TaskError as e:
+        raise ConfigError(f"eval_tasks: {e}") from e
+
+
 def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
-          last_saved) -> float:
+          last_saved, downstream=None) -> float:
     t, spec = cfg.train.resolved(cfg.model.norm), corpus.tokenizer.spec
     alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
     dynamics = Dynamics(cfg.model) if t.analysis_every else None
@@ -357,6 +378,11 @@ def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start
             writer.add_scalar("val/loss", val_loss, done)
             writer.add_scalar("val/elapsed_sec", time.perf_counter() - began, done)
             bar.write(f"step {done}: val loss {val_loss:.4f}")
+            if downstream is not None:
+                scores = downstream(backend.model(), writer, done)
+                bar.write(f"step {done}: " + ", ".join(
+                    f"{task} {m} {v:.4f}" for task, ms in scores.items() for m, v in ms.items()
+                    if not m.endswith("_stderr")))
         if analyse:
             dynamics.log(writer, backend, done)
         if save:

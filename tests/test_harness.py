@@ -276,3 +276,24 @@ def test_tnt_is_registered_with_lm_eval():
     from lm_eval.api.registry import get_model
 
     assert get_model("tnt") is TnTLM
+
+
+def test_eval_tasks_during_training_log_downstream_metrics(corpus, tasks, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from experiments.pretrain import main as pretrain_main
+
+    root, _, _ = tasks
+    argv = ["--backend", "torch", "--preset", "cpu-tiny", "--max-steps", "2", "--seq-len", "8",
+            "--data", corpus, "--eval-every", "1", "--set", "eval_batches=1", "--set", "sample_tokens=0",
+            "--set", "analysis_every=0", "--set", "eval_tasks=tiny_mc,tiny_ppl",
+            "--set", f"eval_tasks_path={root}", "--set", "eval_tasks_limit=2"]
+    assert pretrain_main(argv + ["--out", str(tmp_path / "run")]) == 0
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    for tag in ("downstream/tiny_mc/acc", "downstream/tiny_ppl/bits_per_byte"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2]
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("downstream/tiny_mc/acc"))
+    assert "tiny_mc acc" in capsys.readouterr().out
+    assert pretrain_main(argv[:-2] + ["--set", "eval_tasks_limit=-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "eval_tasks_limit must be >= 0" in capsys.readouterr().err

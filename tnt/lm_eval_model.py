@@ -240,6 +240,28 @@ def run_tasks(lm: TnTLM, tasks: list[str], limit: float | None = None, num_fewsh
     return {"tasks": metrics(results), "table": make_table(results)}
 
 
+class Downstream:
+    """`eval_tasks` during training: the tasks run on the current model at each validation and
+    their metrics go to TensorBoard as `downstream/<task>/<metric>`. Built before the first step,
+    so an unknown task stops the run before it trains."""
+
+    def __init__(self, tasks: list[str], limit: float, include_path: str, framework: str,
+                 tokenizer) -> None:
+        self.tasks, self.limit = tasks, (limit or None)
+        self.include_path = include_path or None
+        self.framework, self.tokenizer = framework, tokenizer
+        self.manager = task_manager(tasks, self.include_path)
+
+    def __call__(self, model, writer, step: int) -> dict[str, dict[str, float]]:
+        lm = TnTLM(model=model, tokenizer=self.tokenizer, backend=self.framework)
+        found = run_tasks(lm, self.tasks, self.limit, None, self.include_path, self.manager)["tasks"]
+        for task, values in found.items():
+            for metric, value in values.items():
+                if not metric.endswith("_stderr"):
+                    writer.add_scalar(f"downstream/{task}/{metric}", value, step)
+        return found
+
+
 def cli() -> None:
     """`tnt-lm-eval`: lm_eval's command with the `tnt` model registered."""
     from lm_eval.__main__ import cli_evaluate
