@@ -149,16 +149,23 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
             "stream_tokens": int(len(stream)), "stream_bytes": int(n_bytes)}
 
 
-def downstream(path: str | Path, tasks: list[str], backend: str | None = None, limit: float | None = None,
-               num_fewshot: int | None = None, include_path: str | None = None,
-               batch_size: int = 16) -> dict:
-    """lm-evaluation-harness `tasks` on a checkpoint: {"tasks": metrics per task, "table": text}."""
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm_eval's task index for `tasks`, refusing an unknown one (or a missing `eval` extra)."""
     try:
-        from tnt.lm_eval_model import TnTLM, run_tasks, task_manager
+        from tnt.lm_eval_model import task_manager
     except ImportError as e:
         raise BackendUnavailable(f"--tasks needs lm-evaluation-harness, the 'eval' extra ({e.name} "
                                  f"is missing): pip install 'tnt[eval]'") from e
-    manager = task_manager(tasks, include_path)  # an unknown task is refused before loading
+    return task_manager(tasks, include_path)
+
+
+def downstream(path: str | Path, tasks: list[str], backend: str | None = None, limit: float | None = None,
+               num_fewshot: int | None = None, include_path: str | None = None,
+               batch_size: int = 16, manager=None) -> dict:
+    """lm-evaluation-harness `tasks` on a checkpoint: {"tasks": metrics per task, "table": text}."""
+    manager = manager or task_manager(tasks, include_path)  # an unknown task is refused first
+    from tnt.lm_eval_model import TnTLM, run_tasks
+
     lm = TnTLM(run=str(path), backend=backend, batch_size=batch_size)
     return run_tasks(lm, tasks, limit, num_fewshot, include_path, manager)
 
