@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.checkpoints import Checkpoint, locate, read_checkpoint
+from experiments.flags import Parser
 from tnt import analysis
 from tnt.checkpoint_meta import CheckpointError
+from tnt.checkpoints import Checkpoint, locate, read_checkpoint
 
 FIGSIZE, DPI = (12.0, 5.0), 100  # every PNG is 1200 x 500 pixels
 CURVE_TAGS = ("train/loss", "val/loss", "train/lr", "train/tokens_per_sec")
@@ -312,8 +313,8 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.analyze", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a run directory, its checkpoints folder, or one step folder")
     p.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     args = p.parse_args(argv)

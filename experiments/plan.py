@@ -28,6 +28,7 @@ import json
 import math
 import sys
 
+from experiments.flags import Parser
 from tnt.config import PRESETS, REMATS, ConfigError, RunConfig, build_run_config
 
 
@@ -187,8 +188,8 @@ def describe(name: str, r: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.plan", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set grad_accum=16 (repeatable)")

@@ -12,10 +12,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments import analyze
-from experiments.checkpoints import read_checkpoint
-from experiments.dynamics import Dynamics, chosen_layers
 from experiments.pretrain import main as pretrain_main
 from tnt import analysis
+from tnt.checkpoints import read_checkpoint
+from tnt.dynamics import Dynamics, chosen_layers
 from tnt.params import param_specs, unit_norm
 
 PNG_SIZE = (int(analyze.FIGSIZE[0] * analyze.DPI), int(analyze.FIGSIZE[1] * analyze.DPI))

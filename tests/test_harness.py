@@ -20,6 +20,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from tnt import harness  # noqa: E402
 from tnt.checkpoint_meta import make_meta  # noqa: E402
 from tnt.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from tnt.generation import GREEDY  # noqa: E402
 from tnt.lm_eval_model import TnTLM, run_tasks  # noqa: E402
 from tnt.tokenizer import ByteTokenizer  # noqa: E402
 from tnt_jax.model import loss_fn as jax_loss_fn  # noqa: E402
@@ -137,7 +138,7 @@ def test_loglikelihood_is_minus_the_summed_loss_and_is_greedy_the_argmax(lms, ar
     lm = lms[arch, backend]
     cfg = lm.cfg
     requests = token_requests(np.random.default_rng(1))
-    greedy = lm.framework.generate(lm.model, [requests[0][0]], 6, warn=False).tokens[0]
+    greedy = lm.framework.generate(lm.model, [requests[0][0]], 6, GREEDY, warn=False).tokens[0]
     requests.append((requests[0][0], [int(t) for t in greedy]))  # the model's own greedy answer
     for (ctx, cont), (value, is_greedy) in zip(requests, scored(lm, requests), strict=True):
         batch = reference_batch(cfg, ctx, cont)

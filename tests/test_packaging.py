@@ -51,3 +51,12 @@ def test_cli_runs_the_named_command(capsys):
         cli.main(["prepare", "--help"])
     assert exit_.value.code == 0
     assert "experiments.prepare" in capsys.readouterr().out
+
+
+def test_a_mistyped_flag_names_the_closest(capsys):
+    from experiments import pretrain
+
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.parse_args(["--maxsteps", "3"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --maxsteps (did you mean --max-steps?) 3" in capsys.readouterr().err

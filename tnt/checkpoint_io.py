@@ -208,7 +208,7 @@ def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def read_for_model(path: str | Path, expect: ModelConfig | None = None):
-    """(canonical params, RunConfig, tokenizer) for a framework's `load_checkpoint`. With
+    """(canonical params, RunConfig, tokenizer, metadata) for a framework's loader. With
     `expect`, a checkpoint whose model config differs is refused, naming the fields."""
     params, meta = read_canonical(path)
     cfg = run_config(meta, path)
@@ -218,4 +218,4 @@ def read_for_model(path: str | Path, expect: ModelConfig | None = None):
     tokenizer = tokenizer_from_spec(meta["tokenizer"])
     if tokenizer is not None:  # no real token may be treated as padding, start or end
         check_special_ids(cfg.model, tokenizer, f"checkpoint {path}")
-    return params, cfg, tokenizer
+    return params, cfg, tokenizer, meta

@@ -142,7 +142,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
-    analysis_every: int = 100  # TensorBoard dynamics (experiments/dynamics.py); 0 disables
+    analysis_every: int = 100  # TensorBoard dynamics (tnt/dynamics.py); 0 disables
     sample_tokens: int = 64
     max_loss: float = 0.0  # divergence guard: stop when the train loss exceeds it; 0 disables
     sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)

@@ -13,50 +13,32 @@ log-probabilities (`tnt_jax.score`, `tnt_torch.score`) and generates (`generate`
 
 from __future__ import annotations
 
-import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from tnt import harness
+from tnt.backend import backend as backend_module
 from tnt.checkpoint_io import newest_readable
 from tnt.checkpoint_meta import CheckpointError
 from tnt.generation import Sampling, check_tokenizer
 
-FRAMEWORKS = ("jax", "torch")
 DEFAULT_BATCH = 16
 DEFAULT_GEN_TOKENS = 256
 
 
-@dataclass(frozen=True)
-class Framework:
-    """One framework's model loader, label scorer and generator, by name."""
-
-    name: str
-    load_checkpoint: Any
-    label_logprobs: Any
-    generate: Any
-
-    @classmethod
-    def named(cls, name: str) -> Framework:
-        if name not in FRAMEWORKS:
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(FRAMEWORKS)}")
-        package = importlib.import_module(f"tnt_{name}")
-        return cls(name, package.load_checkpoint, importlib.import_module(f"tnt_{name}.score").label_logprobs,
-                   importlib.import_module(f"tnt_{name}.generate").generate)
-
-
 def load(run: str | Path, backend: str | None = None):
-    """(model, RunConfig, tokenizer, Framework, step folder) of the newest readable checkpoint under
-    `run`, in `backend` (default: the framework that wrote it)."""
+    """(Loaded model, the backend module, step folder) of the newest readable checkpoint under `run`,
+    in `backend` (default: the framework that wrote it)."""
+    if backend is not None:
+        backend_module(backend)  # an unknown or missing framework fails before any reading
+
     def read(step_dir: Path, kind: str):
-        fw = Framework.named(backend or kind)
-        return (*fw.load_checkpoint(step_dir), fw, step_dir)
+        fw = backend_module(backend or kind)
+        return fw.load(step_dir), fw, step_dir
 
     return newest_readable(run, read)
 
@@ -86,14 +68,15 @@ class TnTLM(TemplateLM):
         if (run is None) == (model is None):
             raise ValueError("give the tnt model either run=RUN (a checkpoint) or a built model")
         if model is None:
-            model, cfg, tokenizer, fw, self.step_dir = load(run, backend)
+            loaded, fw, self.step_dir = load(run, backend)
+            model, cfg, tokenizer = loaded.model, loaded.cfg, loaded.tokenizer
             if tokenizer is None:
                 raise CheckpointError(f"checkpoint {self.step_dir} carries no tokenizer (imported "
                                       f"weights); the harness needs text")
         else:
             if backend is None or tokenizer is None:
                 raise ValueError("a built model needs its backend and tokenizer")
-            fw, cfg, self.step_dir = Framework.named(backend), None, None
+            fw, cfg, self.step_dir = backend_module(backend), None, None
         check_tokenizer(tokenizer, model.cfg)
         if device is not None and fw.name == "torch" and device != "cpu":
             model = model.to(device)

@@ -60,6 +60,6 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     `path` is a run dir, its `checkpoints` folder or one step folder. With `expect`, a checkpoint
     whose model config differs is refused, naming the fields.
     """
-    params, cfg, tokenizer = read_for_model(path, expect)
+    params, cfg, tokenizer, _ = read_for_model(path, expect)
     model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
     return model, cfg, tokenizer

@@ -101,6 +101,6 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     """
     from tnt_torch.model import TnT, load_canonical
 
-    params, cfg, tokenizer = read_for_model(path, expect)
+    params, cfg, tokenizer, _ = read_for_model(path, expect)
     model = load_canonical(TnT(cfg.model), params)
     return model.eval(), cfg, tokenizer
