@@ -12,6 +12,13 @@ The loss is the token-weighted mean cross-entropy of the run's objective (docs/d
 `--batches` batches of windows spread evenly over the token stream, in nats per token; bits per
 token and bits per byte follow (tnt/units.py: bytes are counted from the text, so byte and BPE
 runs compare). Prints one line, or the JSON with `--json`.
+
+`--tasks T1,T2` also runs lm-evaluation-harness tasks (the `eval` extra) on the checkpoint through
+the harness model `tnt` (tnt/lm_eval_model.py) and prints the harness's table; `--json` then
+holds a "tasks" entry: each task's metrics (`acc`, `acc_stderr`, ...). `--data` may then be
+left out. The harness's own tasks download their data from the Hugging Face Hub; offline, give
+local tasks with `--include-path DIR` (a YAML with `dataset_path: json` and a jsonl each) and set
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from tnt.data import (
     read_token_dir,
 )
 from tnt.generation import TokenizerMismatch, check_tokenizer
+from tnt.harness import HarnessError
 from tnt.run import batch_spec
 from tnt.special_ids import SpecialIdCollision
 from tnt.tokenizer import same_tokenizer
@@ -127,6 +135,27 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
             "stream_tokens": int(len(stream)), "stream_bytes": int(n_bytes), "notes": notes}
 
 
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm_eval's task index for `tasks`, refusing an unknown one (or a missing `eval` extra)."""
+    try:
+        from tnt.lm_eval_model import task_manager
+    except ImportError as e:
+        raise BackendUnavailable(f"--tasks needs lm-evaluation-harness, the 'eval' extra ({e.name} "
+                                 f"is missing): pip install 'tnt[eval]'") from e
+    return task_manager(tasks, include_path)
+
+
+def downstream(path: str | Path, tasks: list[str], backend: str | None = None, limit: float | None = None,
+               num_fewshot: int | None = None, include_path: str | None = None,
+               batch_size: int = 16, manager=None) -> dict:
+    """lm-evaluation-harness `tasks` on a checkpoint: {"tasks": metrics per task, "table": text}."""
+    manager = manager or task_manager(tasks, include_path)  # an unknown task is refused first
+    from tnt.lm_eval_model import TnTLM, run_tasks
+
+    lm = TnTLM(run=str(path), backend=backend, batch_size=batch_size)
+    return run_tasks(lm, tasks, limit, num_fewshot, include_path, manager)
+
+
 def describe(r: dict) -> str:
     return (f"{r['checkpoint']} on {r['data']}: loss {r['loss']:.4f} nats/token, "
             f"{r['bits_per_token']:.4f} bits/token, {r['bits_per_byte']:.4f} bits/byte "
@@ -138,8 +167,8 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m experiments.evaluate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir, its checkpoints folder or a step folder (either backend)")
-    p.add_argument("--data", required=True, help="text file or folder, a dataset (file, folder or "
-                                                 "hf:OWNER/NAME[:CONFIG]) or a prepared token folder")
+    p.add_argument("--data", help="text file or folder, a dataset (file, folder or "
+                                  "hf:OWNER/NAME[:CONFIG]) or a prepared token folder")
     p.add_argument("--text-field", help="the dataset column that holds the text (default: the run's)")
     p.add_argument("--backend", choices=BACKENDS, help="framework that computes the loss "
                                                        "(default: the checkpoint's)")
@@ -149,17 +178,41 @@ def main(argv=None) -> int:
                         "to score (default val; a text path is scored whole)")
     p.add_argument("--tokenizer", metavar="byte|PATH", help="for a checkpoint without one "
                    "(imported weights); otherwise it must be the checkpoint's")
+    p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks to run (extra 'eval'; "
+                   "the harness's tasks download data: offline, use --include-path)")
+    p.add_argument("--limit", type=float, help="at most this many documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per task (the task's default)")
+    p.add_argument("--include-path", metavar="DIR", help="folder of local task YAML files")
+    p.add_argument("--batch-size", type=int, default=16, help="harness requests per model call (16)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.data is None and not tasks:
+        print("error: give --data (held-out text to score), --tasks (harness tasks) or both",
+              file=sys.stderr)
+        return 2
     try:
-        r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer,
-                     args.text_field)
-    except (CheckpointError, DataError, BackendUnavailable, SpecialIdCollision) as e:
+        r = {}
+        if args.data is not None:
+            r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer,
+                         args.text_field)
+            for note in r["notes"]:
+                print(note, file=sys.stderr if args.json else sys.stdout)
+        if tasks:
+            found = downstream(args.run, tasks, args.backend, args.limit, args.num_fewshot,
+                               args.include_path, args.batch_size)
+            r["tasks"] = found["tasks"]
+    except (CheckpointError, DataError, BackendUnavailable, SpecialIdCollision, HarnessError,
+            TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for note in r["notes"]:
-        print(note, file=sys.stderr if args.json else sys.stdout)
-    print(json.dumps(r, indent=1) if args.json else describe(r))
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        if args.data is not None:
+            print(describe(r))
+        if tasks:
+            print(found["table"])
     return 0
 
 

@@ -150,6 +150,9 @@ class TrainConfig:
     sample_tokens: int = 64
     max_loss: float | None = None  # divergence ceiling; None: RunConfig.loss_ceiling; 0 disables
     sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)
+    eval_tasks: str = ""  # lm-evaluation-harness tasks "T1,T2" run at each validation ("": none)
+    eval_tasks_limit: float = 100  # documents per task (a fraction if < 1; 0: all of them)
+    eval_tasks_path: str = ""  # a folder of local task YAML files (lm_eval's include_path)
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
@@ -199,6 +202,11 @@ class TrainConfig:
         if self.tokenizer not in ("byte", "bpe") and not self.tokenizer.endswith(".json"):
             raise ConfigError(f"tokenizer must be byte, bpe or the path of a tokenizer.json, "
                               f"got {self.tokenizer!r}")
+        if self.eval_tasks_limit < 0:
+            raise ConfigError(f"eval_tasks_limit must be >= 0 (0: every document), "
+                              f"got {self.eval_tasks_limit}")
+        if self.eval_tasks and not all(t.strip() for t in self.eval_tasks.split(",")):
+            raise ConfigError(f"eval_tasks must be task names separated by commas, got {self.eval_tasks!r}")
         if not 0 < self.val_percent < 100:
             raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
         if not self.text_field:
@@ -211,6 +219,10 @@ class TrainConfig:
         if rows % shards:
             raise ConfigError(f"the batch of {rows} rows (batch_size={self.batch_size} / "
                               f"grad_accum={self.grad_accum}) does not split over {over}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
 
     @property
     def encoder_len(self) -> int:

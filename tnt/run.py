@@ -47,7 +47,8 @@ from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
-             "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "lr",  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "eval_tasks", "eval_tasks_limit", "eval_tasks_path"}
 # Train fields that describe the launch, not the run: a resume takes them from its own command
 # line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
 LAUNCH = {"fsdp", "compile"}
@@ -206,6 +207,25 @@ def sample_text(trainer: Trainer, cfg: RunConfig, corpus) -> str:
     return prompt + " ⟶ " + trainer.sample(tok, prompt, n, t.sample_temperature, t.seed)
 
 
+def make_downstream(cfg: RunConfig, tokenizer, backend: str, role: Role):
+    """The `eval_tasks` runner (tnt.lm_eval_model.Downstream), or None when no task is named."""
+    t = cfg.train
+    if not t.task_names:
+        return None
+    if role.count > 1:
+        raise ConfigError("eval_tasks runs in one process; score a multi-process run's checkpoints "
+                          "with python -m experiments.evaluate RUN --tasks ...")
+    try:
+        from tnt.lm_eval_model import Downstream, TaskError
+    except ImportError as e:
+        raise ConfigError(f"eval_tasks needs lm-evaluation-harness, the 'eval' extra ({e.name} is "
+                          f"missing): pip install 'tnt[eval]'") from e
+    try:
+        return Downstream(t.task_names, t.eval_tasks_limit, t.eval_tasks_path, backend, tokenizer)
+    except TaskError as e:
+        raise ConfigError(f"eval_tasks: {e}") from e
+
+
 class Run:
     """A training run in the folder `out` (default `runs/<backend>-<arch>-<norm>-<time>`).
 
@@ -286,6 +306,7 @@ class Run:
             self._prepare_resume(*self._resume)
         self.batches = Batches(batch_spec(self.cfg), self.corpus.train, self.corpus.val,
                                self.cfg.train.seed)
+        self.downstream = make_downstream(self.cfg, self.corpus.tokenizer, self.backend.name, self.role)
 
     def _prepare_resume(self, overrides: dict, sets: Sequence[str]) -> None:
         if not self.out.is_dir():
@@ -411,6 +432,10 @@ class Run:
         if done == self.t.max_steps:  # before the last checkpoint commits: logged once, ever
             self.writer.add_scalar("val/final_loss", val_loss, done)
         self.bar.write(f"step {done}: val loss {val_loss:.4f}")
+        if self.downstream is not None:
+            scores = self.downstream(self.trainer.model(), self.writer, done)
+            self.bar.write(f"step {done}: " + ", ".join(f"{task} {m} {v:.4f}" for task, ms in scores.items()
+                                                        for m, v in ms.items() if not m.endswith("_stderr")))
         return val_loss
 
     def _save(self, done: int) -> None:

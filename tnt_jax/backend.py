@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -29,6 +28,7 @@ from tnt_jax.generate import generate as _generate
 from tnt_jax.generate import inference
 from tnt_jax.model import TnT, merge_params, split_params
 from tnt_jax.optim import build_optimizer, convert_adam_moments
+from tnt_jax.score import label_logprobs
 from tnt_jax.train import TrainState, make_eval_step, make_train_step
 
 name = "jax"
@@ -190,19 +190,8 @@ def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]
     return score
 
 
-@partial(jax.jit, static_argnums=0)
-def _label_logprobs(graphdef: nnx.GraphDef, params: dict, batch: dict) -> jax.Array:
-    model = merge_params(graphdef, params)
-    logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-    labels = batch["labels"]
-    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    return jnp.where(labels != model.cfg.pad_id, picked, 0.0)
-
-
 def token_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> np.ndarray:
-    graphdef, params = split_params(model)
-    return np.asarray(_label_logprobs(graphdef, params, _checked(model, batch)), np.float32)
+    return np.asarray(label_logprobs(model, batch)[0], np.float32)
 
 
 def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling, *,

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tnt import checkpoint_io
 from tnt.backend import Launch, Role, env_int
@@ -24,6 +23,7 @@ from tnt_torch.generate import generate as _generate
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, to_canonical
 from tnt_torch.optim import TnTOptimizer
+from tnt_torch.score import label_logprobs
 from tnt_torch.train import accumulate_grads, configure_threads, token_sum, want_compile
 
 name = "torch"
@@ -201,13 +201,7 @@ def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]
 
 @torch.no_grad()
 def token_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> np.ndarray:
-    model.eval()
-    tensors = _checked(model, batch)
-    logits = model(tensors.get("enc_tokens"), tensors["dec_tokens"])
-    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    labels = tensors["labels"]
-    picked = logp.gather(-1, labels[..., None])[..., 0]
-    return picked.masked_fill(labels == model.cfg.pad_id, 0.0).cpu().numpy().astype(np.float32)
+    return np.asarray(label_logprobs(model, batch)[0], np.float32)
 
 
 def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling, *,
