@@ -243,3 +243,26 @@ def test_torch_sdpa_attention_matches_the_softmax_formula(rng):
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["decoder_only", "encoder_decoder"])
+def test_torch_sdpa_takes_is_causal_without_padding_and_a_mask_only_with_it(monkeypatch, arch, rng):
+    """SDPA's own causal path (no `[B, 1, L, S]` mask) whenever the batch has no padding."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    cfg = tiny_config(arch, "ngpt")
+    net = tmodel.TnT(cfg)
+    enc = torch.as_tensor(random_tokens(rng, (2, 6))) if cfg.has_encoder else None
+    dec = torch.as_tensor(random_tokens(rng, (2, 5)))
+    with torch.no_grad():
+        net(enc, dec)
+    assert calls and all(c.get("attn_mask") is None for c in calls)
+    assert sum(bool(c.get("is_causal")) for c in calls) == cfg.n_decoder_layers
+    calls.clear()
+    dec[1, 3:] = cfg.pad_id
+    with torch.no_grad():
+        net(enc, dec)
+    masked = [c for c in calls if c.get("attn_mask") is not None]  # the decoder's self-attention
+    assert len(masked) == cfg.n_decoder_layers and not any(c.get("is_causal") for c in calls)

@@ -28,10 +28,10 @@ def configure_threads() -> None:
 
 def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether to compile the blocks: the `compile` field, or with `compile=none`, on for CUDA and
-    off elsewhere. On the CPU compiled and eager steps measure within noise of each other
-    (docs/results.md) while the first compile costs tens of seconds; on a GPU inductor fuses the
-    many elementwise ops of the normalized residual, RoPE and the q/k norms into few kernels.
-    FSDP2 with compile is refused by the config (`TrainConfig`)."""
+    off elsewhere: on the CPU a compiled step is not clearly faster (README, "torch.compile")
+    and the first one costs tens of seconds; on a GPU inductor fuses the many elementwise ops of
+    the normalized residual, RoPE and the q/k norms into few kernels. FSDP2 with compile is
+    refused by the config (`TrainConfig`)."""
     if cfg.compile is not None:
         return cfg.compile
     return device.type == "cuda" and not cfg.fsdp
