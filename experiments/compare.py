@@ -74,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"], default="encoder_decoder")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    p.add_argument("--data", default="stdlib")
+    p.add_argument("--data", default="stdlib", help="as pretrain's --data: text, a token folder, a "
+                   "dataset file or folder, or hf:OWNER/NAME[:CONFIG]")
+    p.add_argument("--text-field", help="the dataset column that holds the text (text); the same as "
+                                        "--set text_field=...")
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
@@ -94,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override applied to every run (repeatable)")
     p.add_argument("--out", help="compare directory (default runs/compare-<backend>-<arch>-<time>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.text_field:
+        args.set.append(f"text_field={args.text_field}")
+    return args
 
 
 @dataclass(frozen=True)
@@ -374,8 +380,9 @@ def report(summary: dict) -> str:
 def units(out: Path, run: Run, data: str) -> dict:
     """Tokens and bytes of the validation split, for bits per byte (tnt/units.py)."""
     meta = read_meta(*locate(run.dir(out)))
-    corpus = load_corpus(data, tokenizer_from_spec(meta["tokenizer"]),
-                         meta["config"]["train"]["val_percent"])
+    train = meta["config"]["train"]
+    corpus = load_corpus(data, tokenizer_from_spec(meta["tokenizer"]), train["val_percent"],
+                         text_field=train.get("text_field", "text"))
     n_tokens, n_bytes = len(corpus.val), corpus.split_bytes("val")
     return {"val_tokens": n_tokens, "val_bytes": n_bytes,
             "bits_per_byte_per_nat": bits_per_byte(1.0, n_tokens, n_bytes)}
@@ -398,9 +405,9 @@ def compare(args: argparse.Namespace) -> dict:
     runs = plan(args)
     manager = held_out.task_manager(task_names(args), args.include_path) if task_names(args) else None
     out = Path(args.out or f"runs/compare-{args.backend}-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    val_percent = build_run_config(args.preset, {"arch": args.arch}, args.set).train.val_percent
-    if not is_prepared(args.data):
-        split_documents(args.data, val_percent)  # refuse data with no text before any training
+    train = build_run_config(args.preset, {"arch": args.arch}, args.set).train
+    if not is_prepared(args.data):  # refuse data with no text before any training
+        split_documents(args.data, train.val_percent, train.text_field)
     make_run_dir(out)
     check_settings(out, settings(args))
     t0 = time.perf_counter()

@@ -3,8 +3,10 @@
 RUN is a run directory, its `checkpoints` folder or one step folder written by either backend;
 `--backend` picks the framework that computes the loss (default: the one that wrote it; both give
 the same number). `--data` is a text file or folder, all of which is scored (it is the held-out
-text: nothing is split off), or a token folder from `experiments.prepare`, whose `--split` (val)
-is scored and whose tokenizer must be the checkpoint's.
+text: nothing is split off; binary files are skipped), a dataset (tnt/hf_data.py; column
+`--text-field`, by default the run's), all of it scored unless it has its own validation split, in
+which case `--split` (val) picks that split or train, or a token folder from `experiments.prepare`,
+whose `--split` is scored and whose tokenizer must be the checkpoint's.
 
 The loss is the token-weighted mean cross-entropy of the run's objective (docs/design.md) over
 `--batches` batches of windows spread evenly over the token stream, in nats per token; bits per
@@ -39,9 +41,8 @@ from tnt.data import (
     encode_documents,
     is_prepared,
     make_tokenizer,
-    read_text,
+    read_documents,
     read_token_dir,
-    text_files,
 )
 from tnt.generation import TokenizerMismatch, check_tokenizer
 from tnt.harness import HarnessError
@@ -51,27 +52,40 @@ from tnt.tokenizer import same_tokenizer
 from tnt.units import bits_per_byte, bits_per_token, text_bytes
 
 
-def held_out_stream(data: str, tokenizer, split: str = "val") -> tuple[np.ndarray, int]:
-    """(token stream, bytes of text behind it) of a text path or a token folder's split."""
+def held_out_stream(data: str, tokenizer, split: str | None = None,
+                    text_field: str = "text") -> tuple[np.ndarray, int, list[str]]:
+    """(token stream, bytes of text behind it, notes on the reading) of a text path (all of it), a
+    dataset (its validation split when it has one) or a token folder's split (val unless `split`
+    names another)."""
+    if split not in (None, "val", "train"):
+        raise DataError(f"--split must be val or train, got {split!r}")
     if is_prepared(data):
+        split = split or "val"
         corpus = read_token_dir(data)
         if not same_tokenizer(corpus.tokenizer.spec, tokenizer.spec):
             raise DataError(f"token folder {data!r} was written with another tokenizer "
                             f"({corpus.tokenizer.spec['kind']}, vocab {corpus.tokenizer.vocab_size}) "
                             f"than the checkpoint's ({tokenizer.spec['kind']}, vocab "
                             f"{tokenizer.vocab_size}); prepare it with the run's tokenizer")
-        return getattr(corpus, split), corpus.split_bytes(split)
-    texts = [t for t in (read_text(p) for _, p in text_files(data)) if t]
+        return getattr(corpus, split), corpus.split_bytes(split), []
+    docs = read_documents(data, text_field)
+    if docs.val is None and split is not None:
+        raise DataError(f"--split {split} applies to a prepared token folder or a dataset with a "
+                        f"validation split; the text at {data!r} is scored whole (it is the "
+                        f"held-out text), so leave --split out")
+    scored = docs.val if docs.val is not None and split != "train" else docs.train
+    texts = [t for _, t in scored if t]
     if not texts:
         raise DataError(f"data path {data!r} has no text to evaluate on")
-    return encode_documents(tokenizer, texts), text_bytes(texts)
+    return encode_documents(tokenizer, texts), text_bytes(texts), docs.notes()
 
 
 def evaluate(path: str | Path, data: str, backend: str | None = None, batches: int = 32,
-             split: str = "val", tokenizer: str | None = None) -> dict:
+             split: str | None = None, tokenizer: str | None = None,
+             text_field: str | None = None) -> dict:
     """Loss (nats/token), bits per token and per byte of a checkpoint on held-out data.
     `tokenizer` ("byte" or a tokenizer.json) is for a checkpoint that carries none (imported
-    weights); for one that does, it must be the same."""
+    weights); for one that does, it must be the same. `text_field` defaults to the run's."""
     if batches < 1:
         raise DataError(f"--batches must be >= 1, got {batches}")
     if backend is not None:
@@ -100,10 +114,16 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
         check_tokenizer(tok, cfg.model)
     except TokenizerMismatch as e:
         raise DataError(f"tokenizer {tokenizer!r}: {e}") from e
-    stream, n_bytes = held_out_stream(data, tok, split)
+    stream, n_bytes, notes = held_out_stream(data, tok, split, text_field or cfg.train.text_field)
     if n_bytes == 0:
-        raise DataError(f"data {data!r} ({split}) has no text to evaluate on")
-    windows = Batches(batch_spec(cfg), stream, stream, cfg.train.seed)
+        raise DataError(f"data {data!r} ({split or 'all'}) has no text to evaluate on")
+    spec = batch_spec(cfg)
+    if len(stream) < spec.window:  # the window is the checkpoint's: no flag here changes it
+        raise DataError(f"data {data!r} has {len(stream)} tokens, fewer than one window of the "
+                        f"checkpoint's {spec.window} tokens (its seq_len {spec.seq_len}"
+                        + (f" + enc_len {spec.enc_len}" if spec.arch == "encoder_decoder" else " + 1")
+                        + "); score more text")
+    windows = Batches(spec, stream, stream, cfg.train.seed)
     total, count = 0.0, 0
     for batch in windows.eval_batches(batches):
         s, c = score(batch)
@@ -112,7 +132,7 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
     return {"checkpoint": str(step_dir), "step": int(step_dir.name), "written_by": kind,
             "backend": backend, "data": str(data), "loss": loss, "bits_per_token": bits_per_token(loss),
             "bits_per_byte": bits_per_byte(loss, len(stream), n_bytes), "tokens_scored": count,
-            "stream_tokens": int(len(stream)), "stream_bytes": int(n_bytes)}
+            "stream_tokens": int(len(stream)), "stream_bytes": int(n_bytes), "notes": notes}
 
 
 def task_manager(tasks: list[str], include_path: str | None = None):
@@ -147,12 +167,15 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m experiments.evaluate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir, its checkpoints folder or a step folder (either backend)")
-    p.add_argument("--data", help="text file or folder, or a prepared token folder")
+    p.add_argument("--data", help="text file or folder, a dataset (file, folder or "
+                                  "hf:OWNER/NAME[:CONFIG]) or a prepared token folder")
+    p.add_argument("--text-field", help="the dataset column that holds the text (default: the run's)")
     p.add_argument("--backend", choices=BACKENDS, help="framework that computes the loss "
                                                        "(default: the checkpoint's)")
     p.add_argument("--batches", type=int, default=32, help="batches of windows to score (32)")
-    p.add_argument("--split", choices=["val", "train"], default="val",
-                   help="which split of a token folder to score (val)")
+    p.add_argument("--split", choices=["val", "train"],
+                   help="which split of a token folder or of a dataset with a validation split "
+                        "to score (default val; a text path is scored whole)")
     p.add_argument("--tokenizer", metavar="byte|PATH", help="for a checkpoint without one "
                    "(imported weights); otherwise it must be the checkpoint's")
     p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks to run (extra 'eval'; "
@@ -171,7 +194,10 @@ def main(argv=None) -> int:
     try:
         r = {}
         if args.data is not None:
-            r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer)
+            r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer,
+                         args.text_field)
+            for note in r["notes"]:
+                print(note, file=sys.stderr if args.json else sys.stdout)
         if tasks:
             found = downstream(args.run, tasks, args.backend, args.limit, args.num_fewshot,
                                args.include_path, args.batch_size)

@@ -13,8 +13,9 @@ import argparse
 import sys
 
 from experiments.flags import Parser
+from experiments.stopping import Stopped, stop_on_signals
 from tnt.backend import BACKENDS, BackendUnavailable, Launch
-from tnt.checkpoint_meta import CheckpointError
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError
 from tnt.config import PRESETS, ConfigError, build_run_config, parse_set
 from tnt.data import DataError
 from tnt.run import Diverged, Run
@@ -23,7 +24,7 @@ from tnt.run import Diverged, Run
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
                "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "seed": "seed",
                "eval_every": "eval_every", "ckpt_every": "ckpt_every", "tokenizer": "tokenizer",
-               "analysis_every": "analysis_every"}
+               "analysis_every": "analysis_every", "text_field": "text_field"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
     p.add_argument("--norm", choices=["ngpt", "rmsnorm"])
-    p.add_argument("--data", help="stdlib (default), a text file or folder, or a prepared "
-                                  "token folder (python -m experiments.prepare)")
+    p.add_argument("--data", help="stdlib (default), a text file or folder, a prepared token folder "
+                                  "(python -m experiments.prepare), a dataset file or folder (parquet, "
+                                  "jsonl, json, arrow, save_to_disk) or hf:OWNER/NAME[:CONFIG]")
+    p.add_argument("--text-field", help="the dataset column that holds the text (text)")
     p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
                    help="byte (default), a BPE trained on the train split, or a Hugging Face "
                         "tokenizer.json (its special ids become pad/bos/eos)")
@@ -80,21 +83,37 @@ def make_run(args: argparse.Namespace) -> Run:
     return Run(cfg, args.out, args.backend, keep_vocab_size=vocab_explicit, launch=launch)
 
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
 
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad input (one `error:` line; nothing written is changed),
-    3 training diverged (one `error:` line naming the step to resume from)."""
+    3 training diverged (one `error:` line naming the step to resume from), 4 a file could not be
+    written (a full disk: the committed checkpoints are intact), 130 Ctrl-C and 143 SIGTERM (one
+    `error:` line naming the step to resume from)."""
     args = parse_args(argv)
+    run = None
     try:
-        make_run(args).fit()
+        with stop_on_signals():
+            run = make_run(args)
+            run.fit()
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except (ConfigError, DataError, CheckpointError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as e:  # e.g. the disk filled up while writing TensorBoard events
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; the committed checkpoints are intact (continue "
+              f"with --resume)", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except Stopped as e:  # the run's `finally` let a save in flight commit
+        print(f"error: {e.message(run.out if run is not None else None)}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

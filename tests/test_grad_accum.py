@@ -89,7 +89,7 @@ def jax_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
 
 
 def torch_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
-    backend = TorchTrainer(cfg, device="cpu", compile=False)
+    backend = TorchTrainer(cfg, device="cpu")
     losses = [clipped_loss(backend.step(b), cfg) for b in batches]
     return {n: p.detach().numpy().copy() for n, p in backend.net.named_parameters()}, losses
 
@@ -111,7 +111,7 @@ def test_accumulated_steps_equal_big_batch_steps(framework, arch, norm):
 
 def test_torch_microbatch_gradients_equal_the_big_batch():
     cfg = run_config("encoder_decoder", "ngpt", 1)
-    backend = TorchTrainer(cfg, device="cpu", compile=False)
+    backend = TorchTrainer(cfg, device="cpu")
     batch = backend._put(padded_batch(cfg.model, 0))
     grads = {}
     for n in (1, 2, 4):
@@ -178,8 +178,8 @@ def test_evaluation_runs_microbatches_and_gives_the_big_batch_loss(framework, mo
         real = torch_train_module.loss_fn
         monkeypatch.setattr(torch_train_module, "loss_fn",
                             lambda model, b: rows.append(len(b["labels"])) or real(model, b))
-        backends = [TorchTrainer(run_config("encoder_decoder", "ngpt", n), device="cpu",
-                                 compile=False) for n in (1, 4)]
+        backends = [TorchTrainer(run_config("encoder_decoder", "ngpt", n), device="cpu")
+                    for n in (1, 4)]
     one, four = (b.evaluate(iter(batches)) for b in backends)
     if framework == "torch":
         assert rows == [8, 8] + [2] * 8

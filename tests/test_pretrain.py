@@ -175,4 +175,4 @@ def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
         with torch.no_grad():
             dict(backend.net.named_parameters())[bad].view(-1)[0] = float("inf")
     assert backend.nonfinite() == [bad]
-    assert divergence(None, cfg.train.max_loss, backend) == f"non-finite parameters ({bad})"
+    assert divergence(None, cfg, backend) == f"non-finite parameters ({bad})"

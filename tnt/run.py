@@ -37,6 +37,7 @@ from tnt.checkpoint_meta import CheckpointError, config_differences
 from tnt.config import ConfigError, RunConfig, build_run_config
 from tnt.data import Batches, BatchSpec, load_corpus
 from tnt.dynamics import Dynamics
+from tnt.events import EventWriter
 from tnt.params import param_specs
 from tnt.run_lock import RunLock
 from tnt.schedule import learning_rate
@@ -50,11 +51,11 @@ RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_chec
              "eval_tasks", "eval_tasks_limit", "eval_tasks_path"}
 # Train fields that describe the launch, not the run: a resume takes them from its own command
 # line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
-LAUNCH = {"fsdp"}
+LAUNCH = {"fsdp", "compile"}
 
 
 class Diverged(RuntimeError):
-    """The loss, gradient norm or parameters went non-finite or past `max_loss`; nothing after
+    """The loss, gradient norm or parameters went non-finite or past the loss ceiling; nothing after
     the last good checkpoint was saved (the message says which step to resume from)."""
 
 
@@ -118,10 +119,10 @@ def make_run_dir(out: Path) -> None:
 
 
 def remove_stale_temp(ckpt_dir: Path) -> None:
-    """Temp folders of saves interrupted by a kill; only the lock holder may remove them."""
+    """What saves and prunes interrupted by a kill left; only the lock holder may remove it."""
     for tmp in checkpoint_io.stale_temp_folders(ckpt_dir):
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"removed {tmp}, the temp folder of an interrupted save", flush=True)
+        print(f"removed {tmp}, left by an interrupted save or prune", flush=True)
 
 
 def restore_latest(trainer: Trainer, ckpt_dir: Path, main: bool = True) -> dict:
@@ -141,17 +142,22 @@ def alpha_means(trainer: Trainer, names: list[str]) -> dict[str, float]:
     return {n: float(np.mean(np.abs(a))) for n, a in trainer.arrays(names).items()}
 
 
-def divergence(metrics: dict | None, max_loss: float, trainer: Trainer | None = None,
+def divergence(metrics: dict | None, cfg: RunConfig, trainer: Trainer | None = None,
                val_loss: float | None = None) -> str | None:
-    """What diverged, or None: a non-finite train loss or gradient norm, a train loss over
-    `max_loss` (0: no ceiling), a non-finite validation loss, or (with `trainer`) non-finite
-    parameters, read as one flag each."""
+    """What diverged, or None: a non-finite train loss or gradient norm, a train loss over the
+    run's `loss_ceiling` (`max_loss`, by default twice ln(vocab_size); 0: none), a non-finite
+    validation loss, or (with `trainer`) non-finite parameters, read as one flag each."""
     if metrics is not None:
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return f"train loss {loss}, gradient norm {gnorm}"
-        if max_loss and loss > max_loss:
-            return f"train loss {loss:.4g} exceeds max_loss={max_loss:g}"
+        ceiling = cfg.loss_ceiling
+        if ceiling and loss > ceiling and cfg.train.max_loss is not None:
+            return f"train loss {loss:.4g} exceeds max_loss={ceiling:g}"
+        if ceiling and loss > ceiling:
+            return (f"train loss {loss:.4g} exceeds the divergence ceiling {ceiling:.4g} (twice "
+                    f"ln({cfg.model.vocab_size}), the loss of a uniform prediction; --set "
+                    f"max_loss=X sets another, 0 none)")
     if val_loss is not None and not math.isfinite(val_loss):
         return f"validation loss {val_loss}"
     bad = trainer.nonfinite() if trainer is not None else []
@@ -160,8 +166,10 @@ def divergence(metrics: dict | None, max_loss: float, trainer: Trainer | None = 
     return None
 
 
-def event_writer(tb: Path, start: int):
-    """The TensorBoard writer of a session that starts after `start` steps, one file per process.
+def event_writer(tb: Path, start: int) -> EventWriter:
+    """The TensorBoard writer of a session that starts after `start` steps, one file per process;
+    it writes synchronously, so a flush before a save puts every step the checkpoint covers on
+    disk (`tnt.events`).
 
     Events an earlier session logged after `start` are superseded by this one's (TensorBoard's
     purge step), so every step shows once. TensorBoard reads a folder's event files in name
@@ -169,8 +177,6 @@ def event_writer(tb: Path, start: int):
     second would be ordered by their pid suffix, and the earlier session's purge could then erase
     the later one's steps. So a session waits until its second is later than every existing
     file's before it opens its own."""
-    from tensorboardX import SummaryWriter
-
     seconds = [int(p.name.split(".")[3]) for p in tb.glob("events.out.tfevents.*")
                if p.name.split(".")[3].isdigit()] if tb.is_dir() else []
     wait = max(seconds, default=0) + 1 - time.time()
@@ -179,8 +185,8 @@ def event_writer(tb: Path, start: int):
               "TensorBoard may show superseded steps", file=sys.stderr)
     elif wait > 0:
         time.sleep(wait)
-    return SummaryWriter(str(tb), purge_step=start + 1 if tb.is_dir() else None,
-                         filename_suffix=f".{os.getpid()}")
+    return EventWriter(tb, purge_step=start + 1 if tb.is_dir() else None,
+                       filename_suffix=f".{os.getpid()}")
 
 
 class NullWriter:
@@ -233,6 +239,9 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: str | Path | None = None, backend: str = "jax", *,
                  keep_vocab_size: bool = False, launch: Launch | None = None) -> None:
+        if out is not None and not str(out).strip():
+            raise ConfigError("--out is empty; name the run directory (or leave --out out for "
+                              "runs/<backend>-<arch>-<norm>-<time>)")
         self.backend = backend_named(backend)
         self.cfg, self.launch, self.keep_vocab_size = cfg, launch or Launch(), keep_vocab_size
         self.given = out is not None
@@ -240,7 +249,8 @@ class Run:
                                               f"{time.strftime('%Y%m%d-%H%M%S')}")
         self._resume: tuple[dict, Sequence[str]] | None = None
         self.meta: dict | None = None  # the checkpoint a resume continues
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | None = None  # built by fit(), kept for inspection afterwards
+        self.last_saved: int | None = None  # the newest good checkpoint's step (restored or saved)
 
     @classmethod
     def resume(cls, out: str | Path, backend: str = "jax", overrides: dict | None = None,
@@ -266,12 +276,10 @@ class Run:
             self._prepare()
             self.backend.check(self.role, self.cfg)
             make_run_dir(self.out)
-            if self.role.main:
-                if lock is None:
-                    lock = RunLock(self.out)
-                    lock.acquire()
-                lock.record()
-            return self._train()
+            if self.role.main and lock is None:
+                lock = RunLock(self.out)
+                lock.acquire()
+            return self._train(lock)
         finally:
             if lock is not None:
                 lock.release()
@@ -292,7 +300,7 @@ class Run:
                 raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to "
                                       f"continue it or choose another --out (nothing was changed)")
             t = self.cfg.train
-            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size)
+            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size, t.text_field)
             self.cfg = fit_tokenizer(self.cfg, self.corpus.tokenizer, self.keep_vocab_size)
         else:
             self._prepare_resume(*self._resume)
@@ -310,25 +318,35 @@ class Run:
                                       f"backend; resume it with --backend {self.meta['backend']}")
             self.cfg = resume_config(RunConfig.from_dict(self.meta["config"]), overrides, sets)
             self.corpus = load_corpus(self.cfg.train.data, tokenizer_from_spec(self.meta["tokenizer"]),
-                                      self.cfg.train.val_percent)
+                                      self.cfg.train.val_percent, text_field=self.cfg.train.text_field)
         else:  # killed before its first checkpoint committed: start it again from its config
+            if not self.ckpt_dir.is_dir():  # every run makes it as it starts
+                raise CheckpointError(
+                    f"{self.ckpt_dir} is missing (deleted?), so there is nothing to resume; put the "
+                    f"checkpoints back, or start again at step 0 without --resume (its TensorBoard "
+                    f"steps are then superseded)")
             self.cfg = resume_config(saved_run_config(self.out), overrides, sets)
+            print(f"note: {self.out} holds no committed checkpoint yet (killed before its first); "
+                  f"starting it again at step 0 from its config.json", flush=True)
             t = self.cfg.train
-            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size)
+            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size, t.text_field)
 
-    def _train(self) -> float:
-        """Write the run's config, build or restore the trainer, then run the loop."""
+    def _train(self, lock: RunLock | None) -> float:
+        """Build or restore the trainer (an unreadable checkpoint is refused before anything is
+        written), write the run's config, then run the loop."""
         main = self.role.main
+        self.trainer = self.backend.trainer(self.cfg, self.role)
+        self.last_saved = None
+        if self.meta is not None:
+            self.last_saved = restore_latest(self.trainer, self.ckpt_dir, main)["step"]
         if main:
+            lock.record()
+            self.ckpt_dir.mkdir(exist_ok=True)  # marks a started run: a resume needs it
             remove_stale_temp(self.ckpt_dir)
         if self.meta is None and main:
             if isinstance(self.corpus.tokenizer, BPETokenizer):
                 self.corpus.tokenizer.save(self.out / "tokenizer.json")
             write_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
-        self.trainer = self.backend.trainer(self.cfg, self.role)
-        self.last_saved = None
-        if self.meta is not None:
-            self.last_saved = restore_latest(self.trainer, self.ckpt_dir, main)["step"]
         self.trainer.open(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         start = self.trainer.step_count
         self.writer = event_writer(self.out / "tb", start) if main else NullWriter()
@@ -351,6 +369,8 @@ class Run:
               f"run dir {self.out}", flush=True)
         if getattr(self.corpus.tokenizer, "note", None):
             print(self.corpus.tokenizer.note)
+        for note in self.corpus.notes:
+            print(note)
         val_loss = float("nan")
         self.tick = (time.perf_counter(), start)
         self.began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
@@ -378,7 +398,7 @@ class Run:
     def _guard(self, done: int, metrics: dict | None, params: bool = False,
                val_loss: float | None = None) -> None:
         """Raise Diverged, naming the last good checkpoint, when `divergence` finds a problem."""
-        problem = divergence(metrics, self.t.max_loss, self.trainer if params else None, val_loss)
+        problem = divergence(metrics, self.cfg, self.trainer if params else None, val_loss)
         if problem is None:
             return
         if self.last_saved is None:
@@ -409,6 +429,8 @@ class Run:
         self._guard(done, None, val_loss=val_loss)
         self.writer.add_scalar("val/loss", val_loss, done)
         self.writer.add_scalar("val/elapsed_sec", time.perf_counter() - self.began, done)
+        if done == self.t.max_steps:  # before the last checkpoint commits: logged once, ever
+            self.writer.add_scalar("val/final_loss", val_loss, done)
         self.bar.write(f"step {done}: val loss {val_loss:.4f}")
         if self.downstream is not None:
             scores = self.downstream(self.trainer.model(), self.writer, done)
@@ -417,7 +439,7 @@ class Run:
         return val_loss
 
     def _save(self, done: int) -> None:
-        self.writer.flush()  # everything the checkpoint covers is on disk before it commits
+        self.writer.flush()  # every step the checkpoint covers is on disk before it commits
         self.trainer.save(self.corpus.tokenizer.spec)
         self.last_saved = done
 
@@ -426,9 +448,8 @@ class Run:
         t = self.t
         self.bar.close()
         self.trainer.wait()
-        if start >= t.max_steps:
+        if start >= t.max_steps:  # a finished run, resumed: its final loss is logged already
             val_loss = self.trainer.evaluate(self.batches.eval_batches(t.eval_batches))
-        self.writer.add_scalar("val/final_loss", val_loss, t.max_steps)
         print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
         if self.cfg.train.sample_tokens:  # 0: no end-of-run sample
             print("sample:", repr(sample_text(self.trainer, self.cfg, self.corpus)))

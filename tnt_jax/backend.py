@@ -17,16 +17,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tnt import checkpoint_io
-from tnt.backend import Launch, Loaded, Role, env_int
-from tnt.checkpoint_io import read_for_model
+from tnt.backend import Launch, Role, env_int
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.data import check_token_ids
 from tnt.generation import Generation, Sampling
 from tnt_jax import checkpoint, sharding
+from tnt_jax.checkpoint import load  # noqa: F401 (the adapter's `load`)
 from tnt_jax.generate import generate as _generate
 from tnt_jax.generate import inference
-from tnt_jax.model import TnT, load_canonical, merge_params, split_params
+from tnt_jax.model import TnT, merge_params, split_params
 from tnt_jax.optim import build_optimizer, convert_adam_moments
 from tnt_jax.score import label_logprobs
 from tnt_jax.train import TrainState, make_eval_step, make_train_step
@@ -47,6 +47,9 @@ class Trainer:
     name = name
 
     def __init__(self, cfg: RunConfig, mesh: Mesh | None = None) -> None:
+        if cfg.train.compile is False:  # true and none (auto) describe the jitted step
+            raise ConfigError("compile=false applies to --backend torch: the JAX train step is "
+                              "always compiled by XLA (jax.jit)")
         self.cfg = cfg
         self.mesh = mesh or sharding.build_mesh(sharding.MeshShape.parse("", jax.device_count()))
         sharding.check_fits(sharding.mesh_shape(self.mesh), cfg)
@@ -116,7 +119,7 @@ class Trainer:
         checkpoint.save(self.manager, step, self.state._asdict(), meta)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        checkpoint.wait(self.manager)
 
     def restore(self, path: str | Path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
@@ -168,12 +171,6 @@ def trainer(cfg: RunConfig, role: Role | None = None) -> Trainer:
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> TnT:
     return TnT(cfg, nnx.Rngs(seed))
-
-
-def load(path: str | Path, expect: ModelConfig | None = None) -> Loaded:
-    params, cfg, tokenizer, meta = read_for_model(path, expect)
-    model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
-    return Loaded(model, cfg, tokenizer, meta)
 
 
 def _checked(model: TnT, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -7,19 +7,18 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from tnt import checkpoint_io
-from tnt.backend import Launch, Loaded, Role, env_int
-from tnt.checkpoint_io import read_for_model
+from tnt.backend import Launch, Role, env_int
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.data import check_token_ids
 from tnt.generation import Generation, Sampling
 from tnt_torch import checkpoint, distributed
+from tnt_torch.checkpoint import load  # noqa: F401 (the adapter's `load`)
 from tnt_torch.generate import generate as _generate
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, to_canonical
@@ -34,16 +33,15 @@ class Trainer:
     """The training state of a torch run (`tnt.backend.Trainer`): the model, the `TnTOptimizer`
     and this rank's `distributed.Replica`.
 
-    With `compile=True` or `TNT_TORCH_COMPILE=1` the blocks go through `torch.compile` (see
-    `want_compile`); if the first compiled step fails (no C++ compiler, an unsupported
-    platform), the backend warns and continues eagerly. Compiled and eager steps differ by float
+    With `compile` on (the config field, `want_compile`) the blocks go through `torch.compile`,
+    also under DDP; if the first compiled step fails (no C++ compiler, an unsupported
+    platform), the trainer warns and continues eagerly. Compiled and eager steps differ by float
     rounding only.
     """
 
     name = name
 
-    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None,
-                 compile: bool | None = None) -> None:
+    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None) -> None:
         configure_threads()
         self.cfg = cfg
         if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
@@ -54,11 +52,7 @@ class Trainer:
         self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
-        self.compiled = want_compile(compile)
-        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
-            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
-                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
-            self.compiled = False
+        self.compiled = want_compile(cfg.train, self.device)
         self._unproven = self.compiled  # the first compiled step may still fall back
         if self.compiled:
             self.net.compile_blocks()
@@ -189,11 +183,6 @@ def trainer(cfg: RunConfig, role: Role | None = None) -> Trainer:
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> TnT:
     return TnT(cfg, seed=seed).eval()
-
-
-def load(path: str | Path, expect: ModelConfig | None = None) -> Loaded:
-    params, cfg, tokenizer, meta = read_for_model(path, expect)
-    return Loaded(load_canonical(TnT(cfg.model), params).eval(), cfg, tokenizer, meta)
 
 
 def _checked(model: TnT, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
