@@ -21,15 +21,18 @@ import argparse
 import dataclasses
 import html
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.checkpoints import Checkpoint, locate, read_checkpoint
+from experiments.flags import Parser
 from tnt import analysis
 from tnt.checkpoint_meta import CheckpointError
+from tnt.checkpoints import Checkpoint, locate, read_checkpoint
+from tnt.config import ConfigError
 
 FIGSIZE, DPI = (12.0, 5.0), 100  # every PNG is 1200 x 500 pixels
 CURVE_TAGS = ("train/loss", "val/loss", "train/lr", "train/tokens_per_sec")
@@ -251,7 +254,7 @@ def curve_numbers(curves) -> dict[str, float]:
     return out
 
 
-def write_report(out: Path, title: str, facts: dict[str, str], numbers: dict[str, float],
+def write_report(out: Path, title: str, facts: dict[str, object], numbers: dict[str, float],
                  images: dict[str, str], skipped: list[str]) -> Path:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in facts.items())
@@ -274,6 +277,8 @@ def write_report(out: Path, title: str, facts: dict[str, str], numbers: dict[str
 
 def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     """Write every view and `report.html` for a run dir or checkpoint; returns the report's path."""
+    if out is not None and not str(out).strip():
+        raise ConfigError("--out is empty; name the analysis folder (or leave --out out)")
     path = Path(path).absolute()
     ckpt = read_checkpoint(path) if locate(path) is not None else None
     if ckpt is not None:  # every view is about tokens: the pad id is not one
@@ -286,8 +291,7 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
         raise CheckpointError(f"{path} holds neither a TnT checkpoint nor TensorBoard events")
     if out is None:  # beside the run, or beside a bare step folder (never inside a checkpoint)
         out = run_dir / "analysis" if run_dir else ckpt.step_dir.parent / f"analysis-{ckpt.step}"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(out))
     stats = analysis.embedding_stats(ckpt.params) if ckpt is not None else None
     cond = analysis.condition_numbers(ckpt.params) if ckpt is not None else None
     images, skipped = {}, []
@@ -295,31 +299,53 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
         if fig is None:
             skipped.append(name)
         else:
-            save(fig, out / name)
+            try:
+                save(fig, out / name)
+            except OSError as e:
+                raise ConfigError(f"cannot write {out / name}: {e.strerror or e}") from e
             images[name] = caption
     facts = {"source": str(path)}
     numbers = curve_numbers(curves)
     if ckpt is not None:
         m = ckpt.config.model
-        facts.update({"backend": ckpt.backend, "step": str(ckpt.step), "checkpoint": str(ckpt.step_dir),
+        facts.update({"backend": ckpt.backend, "step": ckpt.step, "checkpoint": str(ckpt.step_dir),
                       "model": f"{m.arch}, {m.norm}, d_model {m.d_model}, {m.n_heads} heads, "
                                f"{m.n_encoder_layers if m.has_encoder else 0}+{m.n_decoder_layers} "
                                f"layers, F {m.hidden}, vocab {m.vocab_size}"})
         numbers.update(analysis.key_numbers(ckpt.params, cond, stats))
-    (out / "numbers.json").write_text(json.dumps({"facts": facts, "numbers": numbers}, indent=1))
-    return write_report(out, f"TnT analysis: {run_dir.name if run_dir else path.name}", facts,
-                        numbers, images, skipped)
+    try:
+        (out / "numbers.json").write_text(json.dumps({"facts": facts, "numbers": numbers}, indent=1))
+        return write_report(out, f"TnT analysis: {run_dir.name if run_dir else path.name}", facts,
+                            numbers, images, skipped)
+    except OSError as e:  # e.g. the disk filled up while writing
+        raise ConfigError(f"cannot write the analysis folder {out}: {e.strerror or e}") from e
+
+
+def writable_folder(out: Path) -> Path:
+    """`out`, created, once it is known to take files; else a ConfigError naming it (before any
+    work: a read-only run folder needs `--out` elsewhere)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder for the analysis")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the analysis folder {out}: {e.strerror or e}; choose "
+                          f"another with --out DIR") from e
+    return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.analyze", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a run directory, its checkpoints folder, or one step folder")
     p.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     args = p.parse_args(argv)
     try:
         report = analyze(args.path, args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {report} and its plots in {report.parent}")

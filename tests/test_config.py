@@ -121,3 +121,12 @@ def test_cpu_preset_rates_per_norm_and_sample_temperature():
         assert build_run_config("cpu", {"norm": norm, "lr": None}).train.lr is None  # a saved config
     with pytest.raises(ConfigError, match="sample_temperature must be >= 0"):
         build_run_config("cpu", sets=["sample_temperature=-1"])
+
+
+def test_unknown_field_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"'dmodel' \(did you mean 'd_model'\?\)"):
+        build_run_config("cpu", sets=["dmodel=256"])
+    with pytest.raises(ConfigError, match=r"unknown config field 'zzz'$"):
+        build_run_config("cpu", sets=["zzz=1"])
+    with pytest.raises(ConfigError, match=r"'n_head' \(did you mean 'n_heads'\?\)"):
+        RunConfig.from_dict({"model": {"n_head": 4}, "train": {}})

@@ -88,6 +88,15 @@ def test_a_tokenizer_that_is_not_the_checkpoints_is_refused(tmp_path, params, ca
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_seed_no_generator_takes_is_refused_as_pretrain_refuses_it(seed, tmp_path, params, capsys):
+    run_dir = torch_checkpoint(tmp_path, params)
+    code, out, err = run_cli(capsys, "--ckpt", run_dir, "--backend", "torch", "--prompt", "hi",
+                             "--temperature", "0.8", "--seed", seed)
+    assert code == 2 and out == ""
+    assert err == f"error: seed must be an integer in [0, 2**63 - 1], got {seed}\n"
+
+
 def test_bench_generate_prints_cached_and_uncached_tokens_per_second(capsys):
     code = bench.main(["generate", "--backend", "torch", "--preset", "cpu-tiny",
                        "--arch", "decoder_only", "--new-tokens", "6", "--prompt-len", "4",

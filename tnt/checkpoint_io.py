@@ -7,7 +7,8 @@ resume and the analysis tools all stand on this module.
 Two layouts exist under `RUN_DIR/checkpoints/<step>/`:
 - jax (orbax): `state/` (an OCDBT key-value store of zarr arrays) and `meta/metadata` (JSON);
 - torch: `params.safetensors`, `optimizer.safetensors` and `meta.json`.
-Both hold the same canonical names, `[in, out]` layout, float32.
+Both hold the same canonical names, `[in, out]` layout, float32. A Hugging Face folder written by
+`experiments.export` (`tnt.hf_export`) reads as the checkpoint it was exported from.
 
 The jax parameters are read here with tensorstore (the library orbax writes with), which needs
 no JAX devices but relies on orbax's on-disk layout (`params.<name>` zarr arrays in the store):
@@ -16,7 +17,10 @@ real orbax checkpoint this way, so a layout change fails that test loudly.
 
 Recovery (issue 12): both writers commit a step by renaming a temporary folder (orbax:
 `<step>.orbax-checkpoint-tmp-*`, torch: `.tmp-<step>-<pid>`), so a kill leaves at most a temp
-folder, which is never taken for a checkpoint (`stale_temp_folders` lists them for removal). When
+folder, which is never taken for a checkpoint. Old steps are pruned alike: a step folder is first
+renamed into `PRUNED` and only then deleted, so a kill while pruning never leaves a step folder
+that is neither committed nor temporary. `stale_temp_folders` lists what interrupted saves and
+prunes leave (temp folders, `PRUNED`, and numbered folders that are not committed steps). When
 the newest committed step of a run cannot be read, `read_canonical` falls back to the one before
 it with a `CheckpointFallback` warning naming both.
 """
@@ -24,20 +28,24 @@ it with a `CheckpointFallback` warning naming both.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
+from tnt import hf_export
+from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences, kill_point, reason
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.params import check_canonical
 from tnt.special_ids import check_special_ids
 from tnt.tokenizer import tokenizer_from_spec
 
-JAX, TORCH = "jax", "torch"
+JAX, TORCH, HF = "jax", "torch", "hf"
 META_FILE = {JAX: "meta/metadata", TORCH: "meta.json"}
 TEMP_MARKERS = (".orbax-checkpoint-tmp", ".tmp-", ".old-")  # orbax's and tnt_torch's temp names
+PRUNED = ".tmp-pruned"  # old steps are renamed into this folder before they are deleted
 
 
 class CheckpointFallback(UserWarning):
@@ -66,6 +74,8 @@ def committed(path: str | Path) -> list[tuple[Path, str]]:
     """Every committed (step folder, backend) under a run dir or checkpoints folder, newest
     first; a step folder gives itself. Temp folders and partial steps are not listed."""
     path = _checkpoints_folder(path)
+    if hf_export.is_export(path):
+        return [(path, HF)]
     kind = layout(path)
     if kind:
         return [(path, kind)]
@@ -96,16 +106,45 @@ def find_checkpoint(path: str | Path, backend: str | None = None) -> tuple[Path,
 
 
 def stale_temp_folders(path: str | Path) -> list[Path]:
-    """Temp folders of interrupted saves under a checkpoints folder (safe to delete only while no
-    other process writes there: pretrain does it holding the run-folder lock)."""
+    """What interrupted saves and prunes leave under a checkpoints folder: temp folders, `PRUNED`,
+    and numbered folders that are not committed steps (a step half deleted by a writer that does
+    not rename first). Safe to delete only while no other process writes there: pretrain does it
+    holding the run-folder lock."""
     path = Path(path)
     if not path.is_dir():
         return []
-    return [p for p in path.iterdir() if any(m in p.name for m in TEMP_MARKERS)]
+    return sorted(p for p in path.iterdir() if any(m in p.name for m in TEMP_MARKERS)
+                  or (p.name.isdigit() and p.is_dir() and layout(p) is None))
+
+
+def prune(step_dir: Path) -> None:
+    """Delete a committed step folder so that a kill at any instant leaves either the committed
+    step or a folder `stale_temp_folders` lists: rename it into `PRUNED` first (by the only
+    writer of the folder, so all of `PRUNED` goes)."""
+    pruned = step_dir.parent / PRUNED
+    pruned.mkdir(exist_ok=True)
+    target = pruned / step_dir.name
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(step_dir, target)
+    kill_point(f"prune:{step_dir.name}")
+    shutil.rmtree(pruned, ignore_errors=True)
+
+
+def empty_pruned(directory: str | Path) -> None:
+    """Delete the step folders a writer renamed into `PRUNED` (orbax's `todelete_subdir`); the
+    folder itself stays, as a writer may be renaming the next one into it."""
+    for old in sorted((Path(str(directory)) / PRUNED).glob("*")):
+        if old.is_symlink():  # a step linked in from elsewhere: drop the link, keep its target
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(step_dir: Path, kind: str) -> dict:
     """The checkpoint's own JSON metadata, checked (format, version, step = folder name)."""
+    if kind == HF:
+        return check_meta(hf_export.read_export_meta(step_dir), str(step_dir))
     file = step_dir / META_FILE[kind]
     try:
         meta = json.loads(file.read_text())
@@ -153,11 +192,13 @@ def _read_orbax_params(state_dir: Path, names: list[str]) -> dict[str, np.ndarra
 
 
 def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(canonical float32 params, metadata) of one committed step folder."""
+    """(canonical float32 params, metadata) of one committed step folder or exported folder."""
     meta = read_meta(step_dir, kind)
     cfg = run_config(meta, step_dir).model
     try:
-        if kind == JAX:
+        if kind == HF:
+            params = hf_export.read_export(step_dir)[0]
+        elif kind == JAX:
             from tnt.params import param_specs
 
             params = _read_orbax_params(step_dir / "state", list(param_specs(cfg)))
@@ -168,7 +209,7 @@ def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     except CheckpointError:
         raise
     except Exception as e:  # tensorstore / safetensors raise their own types for bad files
-        raise CheckpointError(f"checkpoint {step_dir} is corrupt or partial: {e}") from e
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt or partial: {reason(e)}") from e
     try:
         check_canonical(params, cfg)
     except (KeyError, ValueError) as e:
@@ -208,7 +249,7 @@ def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def read_for_model(path: str | Path, expect: ModelConfig | None = None):
-    """(canonical params, RunConfig, tokenizer) for a framework's `load_checkpoint`. With
+    """(canonical params, RunConfig, tokenizer, metadata) for a framework's loader. With
     `expect`, a checkpoint whose model config differs is refused, naming the fields."""
     params, meta = read_canonical(path)
     cfg = run_config(meta, path)
@@ -218,4 +259,4 @@ def read_for_model(path: str | Path, expect: ModelConfig | None = None):
     tokenizer = tokenizer_from_spec(meta["tokenizer"])
     if tokenizer is not None:  # no real token may be treated as padding, start or end
         check_special_ids(cfg.model, tokenizer, f"checkpoint {path}")
-    return params, cfg, tokenizer
+    return params, cfg, tokenizer, meta

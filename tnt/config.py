@@ -9,6 +9,7 @@ field's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -20,6 +21,8 @@ ACTIVATIONS = ("gelu", "silu")
 ROPE_MODES = ("rotate", "ngpt_reference")
 DTYPES = ("float32", "bfloat16")  # the compute dtype; parameters and optimizer state stay float32
 MIN_BPE_VOCAB = 256 + 3  # a BPE vocabulary holds every byte and the pad/bos/eos specials
+LOSS_CEILING_FACTOR = 2.0  # default divergence ceiling: twice the loss of a uniform prediction
+MAX_SEED = 2**63 - 1  # the largest seed every generator takes (jax.random.key, torch.manual_seed)
 REMATS = ("none", "block")  # activation checkpointing: keep every activation, or recompute per block
 
 
@@ -120,6 +123,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1  # microbatches per global batch of batch_size rows
     fsdp: bool = False  # torch under torchrun: FSDP2 (fully_shard) instead of DDP
+    compile: bool | None = None  # torch: torch.compile the blocks; None: on with CUDA, off on the CPU
     seq_len: int = 64  # decoder length (decoder_only: the window is seq_len + 1 tokens)
     enc_len: int = 0  # encoder length for encoder_decoder; 0 means seq_len
     lr: float | None = None  # ngpt 15e-4, rmsnorm 6e-4
@@ -133,6 +137,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     data: str = "stdlib"
+    text_field: str = "text"  # the column of a `datasets` source that holds the text
     tokenizer: str = "byte"  # "byte", "bpe" or the path of a Hugging Face tokenizer.json
     bpe_vocab_size: int = 1024
     val_percent: float = 5.0
@@ -141,10 +146,13 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
-    analysis_every: int = 100  # TensorBoard dynamics (experiments/dynamics.py); 0 disables
+    analysis_every: int = 100  # TensorBoard dynamics (tnt/dynamics.py); 0 disables
     sample_tokens: int = 64
-    max_loss: float = 0.0  # divergence guard: stop when the train loss exceeds it; 0 disables
+    max_loss: float | None = None  # divergence ceiling; None: RunConfig.loss_ceiling; 0 disables
     sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)
+    eval_tasks: str = ""  # lm-evaluation-harness tasks "T1,T2" run at each validation ("": none)
+    eval_tasks_limit: float = 100  # documents per task (a fraction if < 1; 0: all of them)
+    eval_tasks_path: str = ""  # a folder of local task YAML files (lm_eval's include_path)
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
@@ -154,12 +162,16 @@ class TrainConfig:
         for name in ("enc_len", "decay_steps", "sample_tokens", "analysis_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}" if self.seed < 0 else
+                              f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be > 0 (Adam divides by sqrt(v) + eps, and v is 0 for a "
+                              f"parameter without gradient), got {self.eps}")
         if self.bpe_vocab_size < MIN_BPE_VOCAB:
             raise ConfigError(f"bpe_vocab_size must be at least {MIN_BPE_VOCAB} (the 256 bytes and "
                               f"3 special tokens), got {self.bpe_vocab_size}")
-        if self.max_loss < 0:
+        if self.max_loss is not None and self.max_loss < 0:
             raise ConfigError(f"max_loss must be >= 0 (0 disables the ceiling), got {self.max_loss}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
@@ -178,14 +190,27 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not isinstance(self.fsdp, bool):
             raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true, false or none (auto), got {self.compile!r}")
+        if self.compile and self.fsdp:
+            raise ConfigError("compile=true is not supported with fsdp=true: FSDP2's per-block "
+                              "hooks under torch.compile are untested here; use compile=false "
+                              "(or none) with fsdp, or DDP with compile")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
                               f"grad_accum={self.grad_accum}")
         if self.tokenizer not in ("byte", "bpe") and not self.tokenizer.endswith(".json"):
             raise ConfigError(f"tokenizer must be byte, bpe or the path of a tokenizer.json, "
                               f"got {self.tokenizer!r}")
+        if self.eval_tasks_limit < 0:
+            raise ConfigError(f"eval_tasks_limit must be >= 0 (0: every document), "
+                              f"got {self.eval_tasks_limit}")
+        if self.eval_tasks and not all(t.strip() for t in self.eval_tasks.split(",")):
+            raise ConfigError(f"eval_tasks must be task names separated by commas, got {self.eval_tasks!r}")
         if not 0 < self.val_percent < 100:
             raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
+        if not self.text_field:
+            raise ConfigError("text_field must name a column of the dataset, got ''")
 
     def check_rows_split(self, shards: int, over: str) -> None:
         """Each of `shards` (data-parallel devices or ranks, described by `over`) takes an equal
@@ -194,6 +219,10 @@ class TrainConfig:
         if rows % shards:
             raise ConfigError(f"the batch of {rows} rows (batch_size={self.batch_size} / "
                               f"grad_accum={self.grad_accum}) does not split over {over}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
 
     @property
     def encoder_len(self) -> int:
@@ -228,6 +257,15 @@ class RunConfig:
             raise ConfigError(
                 f"enc_len={t.encoder_len} exceeds the model's max_len_encoder={m.max_len_encoder}")
 
+    @property
+    def loss_ceiling(self) -> float:
+        """The train loss that stops a run as diverged (0: no ceiling): `max_loss`, by default
+        LOSS_CEILING_FACTOR times ln(vocab_size), the loss of a uniform prediction, which an
+        initialized model starts near and a learning one only goes below."""
+        if self.train.max_loss is not None:
+            return self.train.max_loss
+        return LOSS_CEILING_FACTOR * math.log(self.model.vocab_size)
+
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
@@ -245,12 +283,22 @@ def _from_dict(cls, d: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown {where} config field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {where} config field(s): "
+                          + ", ".join(repr(n) + did_you_mean(n, names) for n in unknown))
     return cls(**d)
+
+
+def did_you_mean(name: str, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # Presets: the CPU default and GPU-sized shapes up to the nGPT paper's 0.5B and 1B models
 # (24 layers x d 1024 x 16 heads; 36 layers x d 1280 x 20 heads, context 4096 in the paper).
+# The vocabulary comes from the run's tokenizer, and with it the size: the paper's 0.5B and 1B
+# assume LLaMA-2's 32k vocabulary (468.5M and 1,026.2M parameters with its appended pad); the
+# default byte tokenizer gives 403.5M and 944.9M (`python -m experiments.plan` prints the count).
 # Each GPU preset's microbatch (batch_size / grad_accum) is the one `python -m experiments.plan`
 # finds to fit its device (README, "Planning a run"): gpu-small one 80 GB GPU, ngpt-0.5b and
 # ngpt-1b one 141 GB H200, in float32 without remat (bf16 and remat leave more room).
@@ -308,7 +356,8 @@ def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = 
         elif name in train_fields:
             train_kw[name] = _coerce(name, value, train_fields[name])
         else:
-            raise ConfigError(f"unknown config field {name!r}")
+            raise ConfigError(f"unknown config field {name!r}"
+                              + did_you_mean(name, [*model_fields, *train_fields]))
     return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw))
 
 
