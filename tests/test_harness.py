@@ -313,3 +313,22 @@ def test_bench_harness_reports_requests_per_second_per_batch_size(capsys):
     assert r["batching_speedup"] == pytest.approx(rates["4"] / rates["1"])
     assert bench.main(["harness", "--batch-sizes", "0,4"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_hf_model_of_an_exported_run_gives_tnts_loglikelihoods(runs, lms, arch, tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="the export needs the 'hf' extra")
+    from lm_eval.models.huggingface import HFLM
+
+    from experiments.export import export
+
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    out = export(runs / arch, tmp_path / "exported")
+    hf = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=4, device="cpu",
+              backend="seq2seq" if arch == "encoder_decoder" else "causal")
+    pairs = [("The cat", " sat"), ("Hello", " world!"), ("x = 1 +", " 2"), ("def f(x):", "\n    return x")]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    theirs = hf.loglikelihood(reqs, disable_tqdm=True)
+    ours = lms[arch, "torch"].loglikelihood(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(theirs, ours, strict=True):
+        assert a == pytest.approx(b, rel=1e-5) and ga == gb
