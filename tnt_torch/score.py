@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from tnt.data import check_token_ids
-from tnt_torch.model import TnT
+from tnt_torch.model import TnT, without_pad
 
 
 @torch.no_grad()
@@ -22,8 +22,9 @@ def label_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> tuple[np.ndarray
     if logits_BxLxV.dtype not in (torch.float32, torch.float64):
         logits_BxLxV = logits_BxLxV.float()  # as loss_fn
     labels_BxL, pad = t["labels"], model.cfg.pad_id
+    logits_BxLxV = without_pad(logits_BxLxV, pad)  # as loss_fn: pad is never a token, nor the argmax
     logp_BxL = torch.log_softmax(logits_BxLxV, dim=-1).gather(-1, labels_BxL[..., None])[..., 0]
-    best_BxL = logits_BxLxV.index_fill(-1, torch.tensor([pad], device=device), -torch.inf).argmax(-1)
+    best_BxL = logits_BxLxV.argmax(-1)
     valid_BxL = labels_BxL != pad
     logp_BxL = torch.where(valid_BxL, logp_BxL, torch.zeros_like(logp_BxL))
     return logp_BxL.cpu().numpy(), (valid_BxL & (best_BxL == labels_BxL)).cpu().numpy()
