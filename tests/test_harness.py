@@ -298,3 +298,37 @@ def test_eval_tasks_during_training_log_downstream_metrics(corpus, tasks, tmp_pa
     assert "tiny_mc acc" in capsys.readouterr().out
     assert pretrain_main(argv[:-2] + ["--set", "eval_tasks_limit=-1", "--out", str(tmp_path / "bad")]) == 2
     assert "eval_tasks_limit must be >= 0" in capsys.readouterr().err
+
+
+def test_bench_harness_reports_requests_per_second_per_batch_size(capsys):
+    from experiments import bench
+
+    code = bench.main(["harness", "--backend", "torch", "--preset", "cpu-tiny", "--arch", "decoder_only",
+                       "--requests", "6", "--context-len", "8", "--batch-sizes", "1,4", "--repeats", "1"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == "torch" and r["requests"] == 6 and set(r["batch_sizes"]) == {"1", "4"}
+    rates = {k: v["requests_per_s"] for k, v in r["batch_sizes"].items()}
+    assert all(v > 0 for v in rates.values())
+    assert r["batching_speedup"] == pytest.approx(rates["4"] / rates["1"])
+    assert bench.main(["harness", "--batch-sizes", "0,4"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_hf_model_of_an_exported_run_gives_tnts_loglikelihoods(runs, lms, arch, tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="the export needs the 'hf' extra")
+    from lm_eval.models.huggingface import HFLM
+
+    from experiments.export import export
+
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    out = export(runs / arch, tmp_path / "exported")
+    hf = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=4, device="cpu",
+              backend="seq2seq" if arch == "encoder_decoder" else "causal")
+    pairs = [("The cat", " sat"), ("Hello", " world!"), ("x = 1 +", " 2"), ("def f(x):", "\n    return x")]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    theirs = hf.loglikelihood(reqs, disable_tqdm=True)
+    ours = lms[arch, "torch"].loglikelihood(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(theirs, ours, strict=True):
+        assert a == pytest.approx(b, rel=1e-5) and ga == gb

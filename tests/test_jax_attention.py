@@ -142,13 +142,13 @@ EXPORT = textwrap.dedent("""
     import tnt_jax.model as jmodel
     from tnt.config import build_run_config
     from tnt_jax import sharding as sh
-    from tnt_jax.train import JaxBackend
+    from tnt_jax.backend import Trainer
 
     jmodel.attend = functools.partial(jmodel.attend, implementation="xla")  # auto traces einsum here
 
     cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only", "seq_len=16", "batch_size=4",
                                              "dtype=bfloat16", "remat=block", "d_model=64"])
-    backend = JaxBackend(cfg, sh.build_mesh(sh.MeshShape.parse("data=2,fsdp=2", 4)))
+    backend = Trainer(cfg, sh.build_mesh(sh.MeshShape.parse("data=2,fsdp=2", 4)))
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     state = jax.tree.map(abstract, backend.state)
     batch = {k: jax.ShapeDtypeStruct((4, 16), jax.numpy.int32, sharding=backend.batch_sharding)

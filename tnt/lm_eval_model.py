@@ -78,8 +78,8 @@ class TnTLM(TemplateLM):
                 raise ValueError("a built model needs its backend and tokenizer")
             fw, cfg, self.step_dir = backend_module(backend), None, None
         check_tokenizer(tokenizer, model.cfg)
-        if device is not None and fw.name == "torch" and device != "cpu":
-            model = model.to(device)
+        if device not in (None, "cpu") and fw.name == "torch" and fw.accelerator():
+            model = model.to(device)  # lm_eval's CLI asks for "cuda" by default: not on a CPU machine
         self.model, self.run_config, self.tokenizer, self.framework = model, cfg, tokenizer, fw
         self.cfg = model.cfg
         self.batch_size = _batch_size(batch_size)

@@ -107,7 +107,8 @@ def _attend_auto(q, k, v, mask: Mask) -> jax.Array:
 
 
 def _cuda_kernel(q, k, dense: bool) -> str:
-    """"cudnn" when `cudnn_refusal` allows it for these shapes, else "xla" (the reason logged once)."""
+    """The CUDA kernel for these shapes: "cudnn" when `cudnn_refusal` allows it, else "xla"
+    (the reason logged once)."""
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     capability = float(getattr(gpus[0], "compute_capability", 0.0)) if gpus else None
     reason = cudnn_refusal(q.dtype, q.shape[-1], q.shape[1], k.shape[1], dense, capability)

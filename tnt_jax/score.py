@@ -16,13 +16,13 @@ from tnt_jax.model import TnT, merge_params, split_params, without_pad
 @partial(jax.jit, static_argnums=0)
 def _label_logprobs(graphdef, params, batch):
     model = merge_params(graphdef, params)
+    logits_BxLxV = model(batch.get("enc_tokens"), batch["dec_tokens"])
     labels_BxL = batch["labels"]
     pad = model.cfg.pad_id
-    # as loss_fn: the softmax over the real tokens (pad is never one, nor the argmax)
-    logits_BxLxV = without_pad(model(batch.get("enc_tokens"), batch["dec_tokens"]), pad)
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    real_BxLxV = without_pad(logits_BxLxV, pad)  # as loss_fn: pad is no outcome
+    logp_BxLxV = jax.nn.log_softmax(real_BxLxV, axis=-1)
     logp_BxL = jnp.take_along_axis(logp_BxLxV, labels_BxL[..., None], axis=-1)[..., 0]
-    best_BxL = jnp.argmax(logits_BxLxV, axis=-1)
+    best_BxL = jnp.argmax(real_BxLxV, axis=-1)
     valid_BxL = labels_BxL != pad
     return jnp.where(valid_BxL, logp_BxL, 0.0), valid_BxL & (best_BxL == labels_BxL)
 

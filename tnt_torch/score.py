@@ -20,11 +20,11 @@ def label_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> tuple[np.ndarray
     t = {k: torch.as_tensor(np.asarray(v, np.int64), device=device) for k, v in batch.items()}
     logits_BxLxV = model(t.get("enc_tokens"), t["dec_tokens"])
     if logits_BxLxV.dtype not in (torch.float32, torch.float64):
-        logits_BxLxV = logits_BxLxV.float()  # as loss_fn
+        logits_BxLxV = logits_BxLxV.float()
     labels_BxL, pad = t["labels"], model.cfg.pad_id
-    logits_BxLxV = without_pad(logits_BxLxV, pad)  # as loss_fn: pad is never a token, nor the argmax
-    logp_BxL = torch.log_softmax(logits_BxLxV, dim=-1).gather(-1, labels_BxL[..., None])[..., 0]
-    best_BxL = logits_BxLxV.argmax(-1)
+    real_BxLxV = without_pad(logits_BxLxV, pad)  # as loss_fn: pad is no outcome
+    logp_BxL = torch.log_softmax(real_BxLxV, dim=-1).gather(-1, labels_BxL[..., None])[..., 0]
+    best_BxL = real_BxLxV.argmax(-1)
     valid_BxL = labels_BxL != pad
     logp_BxL = torch.where(valid_BxL, logp_BxL, torch.zeros_like(logp_BxL))
     return logp_BxL.cpu().numpy(), (valid_BxL & (best_BxL == labels_BxL)).cpu().numpy()

@@ -28,8 +28,8 @@ def configure_threads() -> None:
 
 def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether to compile the blocks: the `compile` field, or with `compile=none`, on for CUDA and
-    off elsewhere: on the CPU a compiled step is not clearly faster (README, "torch.compile")
-    and the first one costs tens of seconds; on a GPU inductor fuses the many elementwise ops of
+    off elsewhere: on the CPU the first compiled step costs tens of seconds to minutes for a
+    small gain (README, "torch.compile"); on a GPU inductor fuses the many elementwise ops of
     the normalized residual, RoPE and the q/k norms into few kernels. FSDP2 with compile is
     refused by the config (`TrainConfig`)."""
     if cfg.compile is not None:
