@@ -40,7 +40,8 @@ def test_run_writes_events_checkpoints_and_reports(backend, corpus, tmp_path, ca
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/tokens_per_sec", "train/grad_norm",
             "val/loss"} <= tags
-    assert "alpha/decoder.layers.0.attn.alpha" in tags
+    assert "dyn/alpha/decoder.layers.0.attn" in tags
+    assert not [t for t in tags if t.startswith("alpha/")]  # each metric once
     assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
     assert all(np.isfinite(e.value) for e in acc.Scalars("train/loss"))
     params, cfg = final_params(backend, tmp_path / "run")

@@ -27,7 +27,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from tnt import checkpoint_io
@@ -38,7 +37,6 @@ from tnt.config import ConfigError, RunConfig, build_run_config
 from tnt.data import Batches, BatchSpec, load_corpus
 from tnt.dynamics import Dynamics
 from tnt.events import EventWriter
-from tnt.params import param_specs
 from tnt.run_lock import RunLock
 from tnt.schedule import learning_rate
 from tnt.special_ids import tokenizer_special_ids
@@ -136,10 +134,6 @@ def restore_latest(trainer: Trainer, ckpt_dir: Path, main: bool = True) -> dict:
             os.replace(step_dir, aside)
             print(f"moved the unreadable checkpoint {step_dir} aside to {aside}", flush=True)
     return meta
-
-
-def alpha_means(trainer: Trainer, names: list[str]) -> dict[str, float]:
-    return {n: float(np.mean(np.abs(a))) for n, a in trainer.arrays(names).items()}
 
 
 def divergence(metrics: dict | None, cfg: RunConfig, trainer: Trainer | None = None,
@@ -362,7 +356,6 @@ class Run:
     def _loop(self, start: int) -> float:
         cfg, t = self.cfg, self.cfg.train.resolved(self.cfg.model.norm)
         self.t = t
-        self.alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
         dynamics = Dynamics(cfg.model) if t.analysis_every else None
         print(f"TnT pretrain: backend={self.backend.name} arch={cfg.model.arch} "
               f"norm={cfg.model.norm} d_model={cfg.model.d_model} steps {start}->{t.max_steps} "
@@ -420,8 +413,6 @@ class Run:
         self.writer.add_scalar("train/lr", lr, done)
         self.writer.add_scalar("train/tokens_per_sec", tps, done)
         self.writer.add_scalar("train/grad_norm", gnorm, done)
-        for name, value in alpha_means(self.trainer, self.alphas).items():
-            self.writer.add_scalar(f"alpha/{name}", value, done)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
 
     def _validate(self, done: int) -> float:
