@@ -41,6 +41,7 @@ from tnt.run_lock import RunLock
 from tnt.schedule import learning_rate
 from tnt.special_ids import tokenizer_special_ids
 from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
+from tnt.units import bits_per_byte
 
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
@@ -434,6 +435,12 @@ class Run:
         self.trainer.save(self.corpus.tokenizer.spec)
         self.last_saved = done
 
+    def _bits_per_byte(self, nats: float) -> str:
+        """The loss in bits per byte of the val split's text (tnt/units.py), comparable across
+        tokenizers; '?' when the split holds no text."""
+        n_tokens, n_bytes = len(self.corpus.val), self.corpus.split_bytes("val")
+        return f"{bits_per_byte(nats, n_tokens, n_bytes):.4f}" if n_tokens and n_bytes else "?"
+
     def _finish(self, start: int, val_loss: float) -> float:
         """The final validation loss (evaluated now if no step ran) and the end-of-run sample."""
         t = self.t
@@ -441,7 +448,8 @@ class Run:
         self.trainer.wait()
         if start >= t.max_steps:  # a finished run, resumed: its final loss is logged already
             val_loss = self.trainer.evaluate(self.batches.eval_batches(t.eval_batches))
-        print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
+        print(f"final val loss {val_loss:.4f} nats/token ({self._bits_per_byte(val_loss)} bits/byte) "
+              f"after {t.max_steps} steps")
         if self.cfg.train.sample_tokens:  # 0: no end-of-run sample
             print("sample:", repr(sample_text(self.trainer, self.cfg, self.corpus)))
         return val_loss
