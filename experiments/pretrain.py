@@ -16,7 +16,7 @@ from experiments.flags import Parser
 from experiments.stopping import Stopped, stop_on_signals
 from tnt.backend import BACKENDS, BackendUnavailable, Launch
 from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError
-from tnt.config import PRESETS, ConfigError, build_run_config, parse_set
+from tnt.config import PRESETS, ConfigError, build_run_config, parse_set, read_config_file
 from tnt.data import DataError
 from tnt.run import Diverged, Run
 
@@ -31,7 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="python -m experiments.pretrain", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="jax")
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    p.add_argument("--config", metavar="FILE",
+                   help="start from a config file: a run's config.json, or a JSON or YAML file of "
+                        "fields; --preset, the flags and --set refine it")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="a named shape (default cpu; applied over --config when both are given)")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
     p.add_argument("--norm", choices=["ngpt", "rmsnorm"])
     p.add_argument("--data", help="stdlib (default), a text file or folder, a prepared token folder "
@@ -78,7 +82,10 @@ def make_run(args: argparse.Namespace) -> Run:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
         return Run.resume(args.out, args.backend, explicit_overrides(args), args.set, launch=launch)
-    cfg = build_run_config(args.preset, explicit_overrides(args), args.set)
+    if args.config and args.resume:
+        raise ConfigError("--config starts a new run; --resume takes the run's own config")
+    base = read_config_file(args.config) if args.config else None
+    cfg = build_run_config(args.preset or "cpu", explicit_overrides(args), args.set, base=base)
     vocab_explicit = "vocab_size" in dict(parse_set(s) for s in args.set)
     return Run(cfg, args.out, args.backend, keep_vocab_size=vocab_explicit, launch=launch)
 

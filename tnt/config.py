@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ARCHS = ("encoder_decoder", "decoder_only")
 NORMS = ("ngpt", "rmsnorm")
@@ -330,15 +332,17 @@ PRESET_LRS: dict[str, dict[str, float]] = {
 
 
 def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = None,
-                     sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A RunConfig from a preset, typed overrides (e.g. from flags) and `field=value` strings.
+                     sets: list[str] | tuple[str, ...] = (), base: dict[str, object] | None = None
+                     ) -> RunConfig:
+    """A RunConfig from a base (`read_config_file`), a preset, typed overrides (e.g. from flags)
+    and `field=value` strings.
 
     Field names are unique across ModelConfig and TrainConfig, so `d_model=256` and
-    `model.d_model=256` both work. Later sources win: preset < overrides < sets.
+    `model.d_model=256` both work. Later sources win: base < preset < overrides < sets.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values: dict[str, object] = dict(PRESETS[preset])
+    values: dict[str, object] = {**(base or {}), **PRESETS[preset]}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for item in sets:
         name, value = parse_set(item)
@@ -361,15 +365,58 @@ def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = 
     return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw))
 
 
+def read_config_file(path: str | Path) -> dict[str, object]:
+    """The fields of a config file: a run's `config.json` (`{"model": {...}, "train": {...}}`) or a
+    JSON or YAML file of fields, flat or in those two sections; names are checked when it is built."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml "
+                              f"(or write the config as JSON)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--config {path} is not valid JSON ({e}); a YAML file needs a "
+                              f".yaml or .yml name") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of config fields, not "
+                          f"{type(data).__name__}")
+    values: dict[str, object] = {}
+    for name, value in data.items():
+        if name in ("model", "train") and isinstance(value, dict):
+            values.update(value)
+        else:
+            values[name] = value
+    return {field_name(str(k)): v for k, v in values.items()}
+
+
 def parse_set(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"--set expects field=value, got {item!r}")
     name, value = item.split("=", 1)
+    return field_name(name), value.strip()
+
+
+def field_name(name: str) -> str:
+    """`d_model` for `d_model`, `model.d_model` and `train.`-prefixed names."""
     name = name.strip()
     for prefix in ("model.", "train."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name, value.strip()
+            return name[len(prefix):]
+    return name
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

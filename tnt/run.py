@@ -27,7 +27,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from tnt import checkpoint_io
@@ -38,11 +37,11 @@ from tnt.config import ConfigError, RunConfig, build_run_config
 from tnt.data import Batches, BatchSpec, load_corpus
 from tnt.dynamics import Dynamics
 from tnt.events import EventWriter
-from tnt.params import param_specs
 from tnt.run_lock import RunLock
 from tnt.schedule import learning_rate
 from tnt.special_ids import tokenizer_special_ids
 from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
+from tnt.units import bits_per_byte
 
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
@@ -136,10 +135,6 @@ def restore_latest(trainer: Trainer, ckpt_dir: Path, main: bool = True) -> dict:
             os.replace(step_dir, aside)
             print(f"moved the unreadable checkpoint {step_dir} aside to {aside}", flush=True)
     return meta
-
-
-def alpha_means(trainer: Trainer, names: list[str]) -> dict[str, float]:
-    return {n: float(np.mean(np.abs(a))) for n, a in trainer.arrays(names).items()}
 
 
 def divergence(metrics: dict | None, cfg: RunConfig, trainer: Trainer | None = None,
@@ -362,7 +357,6 @@ class Run:
     def _loop(self, start: int) -> float:
         cfg, t = self.cfg, self.cfg.train.resolved(self.cfg.model.norm)
         self.t = t
-        self.alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
         dynamics = Dynamics(cfg.model) if t.analysis_every else None
         print(f"TnT pretrain: backend={self.backend.name} arch={cfg.model.arch} "
               f"norm={cfg.model.norm} d_model={cfg.model.d_model} steps {start}->{t.max_steps} "
@@ -420,8 +414,6 @@ class Run:
         self.writer.add_scalar("train/lr", lr, done)
         self.writer.add_scalar("train/tokens_per_sec", tps, done)
         self.writer.add_scalar("train/grad_norm", gnorm, done)
-        for name, value in alpha_means(self.trainer, self.alphas).items():
-            self.writer.add_scalar(f"alpha/{name}", value, done)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
 
     def _validate(self, done: int) -> float:
@@ -443,6 +435,12 @@ class Run:
         self.trainer.save(self.corpus.tokenizer.spec)
         self.last_saved = done
 
+    def _bits_per_byte(self, nats: float) -> str:
+        """The loss in bits per byte of the val split's text (tnt/units.py), comparable across
+        tokenizers; '?' when the split holds no text."""
+        n_tokens, n_bytes = len(self.corpus.val), self.corpus.split_bytes("val")
+        return f"{bits_per_byte(nats, n_tokens, n_bytes):.4f}" if n_tokens and n_bytes else "?"
+
     def _finish(self, start: int, val_loss: float) -> float:
         """The final validation loss (evaluated now if no step ran) and the end-of-run sample."""
         t = self.t
@@ -450,7 +448,8 @@ class Run:
         self.trainer.wait()
         if start >= t.max_steps:  # a finished run, resumed: its final loss is logged already
             val_loss = self.trainer.evaluate(self.batches.eval_batches(t.eval_batches))
-        print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
+        print(f"final val loss {val_loss:.4f} nats/token ({self._bits_per_byte(val_loss)} bits/byte) "
+              f"after {t.max_steps} steps")
         if self.cfg.train.sample_tokens:  # 0: no end-of-run sample
             print("sample:", repr(sample_text(self.trainer, self.cfg, self.corpus)))
         return val_loss
