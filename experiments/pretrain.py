@@ -19,6 +19,7 @@ from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError
 from tnt.config import PRESETS, ConfigError, build_run_config, parse_set, read_config_file
 from tnt.data import DataError
 from tnt.run import Diverged, Run
+from tnt.threads import limit_threads
 
 # Flags that map onto config fields (flag dest -> field).
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(alphas, scalers, condition numbers; tnt/dynamics.py); 0 disables")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set d_model=256 (repeatable)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads the framework may use (default: every core this process may "
+                        "run on); on a machine shared with other jobs give your share, e.g. 1: "
+                        "more threads than free cores make every step wait (tnt/threads.py)")
     p.add_argument("--out", help="run directory (default runs/<backend>-<arch>-<norm>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
@@ -101,6 +106,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = None
     try:
+        if args.threads is not None:
+            try:
+                limit_threads(args.threads)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         with stop_on_signals():
             run = make_run(args)
             run.fit()
