@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads the framework may use (default: every core this process may "
                         "run on); on a machine shared with other jobs give your share, e.g. 1: "
                         "more threads than free cores make every step wait (tnt/threads.py)")
+    p.add_argument("--logger", default="tensorboard", metavar="tensorboard,wandb",
+                   help="where the scalars go, comma-separated (default tensorboard; wandb needs "
+                        "the 'wandb' extra and writes RUN_DIR/wandb/, offline with WANDB_MODE=offline)")
     p.add_argument("--out", help="run directory (default runs/<backend>-<arch>-<norm>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
@@ -86,13 +89,15 @@ def make_run(args: argparse.Namespace) -> Run:
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
-        return Run.resume(args.out, args.backend, explicit_overrides(args), args.set, launch=launch)
+        return Run.resume(args.out, args.backend, explicit_overrides(args), args.set, launch=launch,
+                          loggers=args.logger)
     if args.config and args.resume:
         raise ConfigError("--config starts a new run; --resume takes the run's own config")
     base = read_config_file(args.config) if args.config else None
     cfg = build_run_config(args.preset or "cpu", explicit_overrides(args), args.set, base=base)
     vocab_explicit = "vocab_size" in dict(parse_set(s) for s in args.set)
-    return Run(cfg, args.out, args.backend, keep_vocab_size=vocab_explicit, launch=launch)
+    return Run(cfg, args.out, args.backend, keep_vocab_size=vocab_explicit, launch=launch,
+               loggers=args.logger)
 
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
