@@ -19,6 +19,7 @@ from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError
 from tnt.config import PRESETS, ConfigError, build_run_config, parse_set, read_config_file
 from tnt.data import DataError
 from tnt.run import Diverged, Run
+from tnt.threads import limit_threads
 
 # Flags that map onto config fields (flag dest -> field).
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(alphas, scalers, condition numbers; tnt/dynamics.py); 0 disables")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set d_model=256 (repeatable)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads the framework may use (default: every core this process may "
+                        "run on); on a machine shared with other jobs give your share, e.g. 1: "
+                        "more threads than free cores make every step wait (tnt/threads.py)")
+    p.add_argument("--logger", default="tensorboard", metavar="tensorboard,wandb",
+                   help="where the scalars go, comma-separated (default tensorboard; wandb needs "
+                        "the 'wandb' extra and writes RUN_DIR/wandb/, offline with WANDB_MODE=offline)")
     p.add_argument("--out", help="run directory (default runs/<backend>-<arch>-<norm>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
@@ -81,13 +89,15 @@ def make_run(args: argparse.Namespace) -> Run:
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
-        return Run.resume(args.out, args.backend, explicit_overrides(args), args.set, launch=launch)
+        return Run.resume(args.out, args.backend, explicit_overrides(args), args.set, launch=launch,
+                          loggers=args.logger)
     if args.config and args.resume:
         raise ConfigError("--config starts a new run; --resume takes the run's own config")
     base = read_config_file(args.config) if args.config else None
     cfg = build_run_config(args.preset or "cpu", explicit_overrides(args), args.set, base=base)
     vocab_explicit = "vocab_size" in dict(parse_set(s) for s in args.set)
-    return Run(cfg, args.out, args.backend, keep_vocab_size=vocab_explicit, launch=launch)
+    return Run(cfg, args.out, args.backend, keep_vocab_size=vocab_explicit, launch=launch,
+               loggers=args.logger)
 
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_WRITE_FAILED = 2, 3, 4
@@ -101,6 +111,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = None
     try:
+        if args.threads is not None:
+            try:
+                limit_threads(args.threads)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         with stop_on_signals():
             run = make_run(args)
             run.fit()

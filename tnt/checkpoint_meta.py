@@ -12,7 +12,7 @@ import dataclasses
 import os
 import signal
 
-from tnt.config import ModelConfig, RunConfig
+from tnt.config import ModelConfig, RunConfig, TrainConfig
 from tnt.params import param_specs
 
 KILL_ENV, SIGNAL_ENV = "TNT_TEST_KILL", "TNT_TEST_SIGNAL"
@@ -87,3 +87,20 @@ def kill_point(point: str) -> None:
     sends that signal instead, as a user stopping the run there would."""
     if os.environ.get(KILL_ENV) == point:
         os.kill(os.getpid(), getattr(signal, os.environ.get(SIGNAL_ENV, "SIGKILL")))
+
+
+def custom_loop_meta(backend: str, step: int, cfg, model_cfg, tokenizer) -> dict:
+    """The metadata of a checkpoint a custom training loop saves (`tnt_jax.save_checkpoint`,
+    `tnt_torch.save_checkpoint`): `cfg` is a RunConfig or the model's ModelConfig (then a default
+    TrainConfig that fits it); refused when it is not the config `model_cfg` was built with."""
+    if isinstance(cfg, ModelConfig):
+        length = min(TrainConfig.seq_len, cfg.max_len_decoder, cfg.max_len_encoder)
+        cfg = RunConfig(model=cfg, train=TrainConfig(seq_len=length))
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg must be a RunConfig or ModelConfig, got {type(cfg).__name__}")
+    diff = config_differences(cfg.model, model_cfg)
+    if diff:
+        raise CheckpointError("the model was not built with cfg: " + "; ".join(diff))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"step must be an integer >= 0, got {step!r}")
+    return make_meta(backend, step, cfg, tokenizer.spec)

@@ -394,7 +394,18 @@ class BatchSpec:
 
 
 class Batches:
-    """Training batches drawn at random offsets from (seed, step); eval batches in fixed order."""
+    """Training batches drawn at random offsets from (seed, step); eval batches in fixed order.
+
+    A batch is a dict of int32 arrays (`BatchSpec.make`): encoder_decoder `enc_tokens` [B, enc_len],
+    `dec_tokens` [B, seq_len] (bos, then the target shifted right) and `labels` [B, seq_len];
+    decoder_only `dec_tokens` and `labels` [B, seq_len]. A custom loop builds them with
+
+        corpus = load_corpus("stdlib")
+        spec = BatchSpec("decoder_only", batch_size=16, seq_len=64, enc_len=0, bos_id=1)
+        batch = Batches(spec, corpus.train, corpus.val, seed=0).train_batch(step)
+
+    and saves its model with `tnt_jax.save_checkpoint` / `tnt_torch.save_checkpoint`.
+    """
 
     def __init__(self, spec: BatchSpec, train: np.ndarray, val: np.ndarray, seed: int) -> None:
         for name, stream in (("train", train), ("val", val)):

@@ -252,6 +252,5 @@ def cli() -> None:
     cli_evaluate()
 
 
-
 if __name__ == "__main__":
     cli()

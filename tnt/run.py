@@ -37,6 +37,7 @@ from tnt.config import ConfigError, RunConfig, build_run_config
 from tnt.data import Batches, BatchSpec, load_corpus
 from tnt.dynamics import Dynamics
 from tnt.events import EventWriter
+from tnt.loggers import Loggers, WandbLogger, parse_loggers
 from tnt.run_lock import RunLock
 from tnt.schedule import learning_rate
 from tnt.special_ids import tokenizer_special_ids
@@ -233,11 +234,13 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, out: str | Path | None = None, backend: str = "jax", *,
-                 keep_vocab_size: bool = False, launch: Launch | None = None) -> None:
+                 keep_vocab_size: bool = False, launch: Launch | None = None,
+                 loggers: str | Sequence[str] = ("tensorboard",)) -> None:
         if out is not None and not str(out).strip():
             raise ConfigError("--out is empty; name the run directory (or leave --out out for "
                               "runs/<backend>-<arch>-<norm>-<time>)")
         self.backend = backend_named(backend)
+        self.loggers = parse_loggers(loggers)  # where the scalars go (tnt.loggers)
         self.cfg, self.launch, self.keep_vocab_size = cfg, launch or Launch(), keep_vocab_size
         self.given = out is not None
         self.out = Path(out if self.given else f"runs/{backend}-{cfg.model.arch}-{cfg.model.norm}-"
@@ -249,11 +252,12 @@ class Run:
 
     @classmethod
     def resume(cls, out: str | Path, backend: str = "jax", overrides: dict | None = None,
-               sets: Sequence[str] = (), *, launch: Launch | None = None) -> Run:
+               sets: Sequence[str] = (), *, launch: Launch | None = None,
+               loggers: str | Sequence[str] = ("tensorboard",)) -> Run:
         """Continue the run in `out` from its newest readable checkpoint (or from its
         `config.json` if it was killed before the first), with the resumable fields of
         `overrides` and `sets` changed (`RESUMABLE`; anything else is refused)."""
-        run = cls(None, out, backend, launch=launch)  # the config comes from the checkpoint
+        run = cls(None, out, backend, launch=launch, loggers=loggers)  # config: the checkpoint's
         run._resume = (dict(overrides or {}), tuple(sets))
         return run
 
@@ -344,7 +348,7 @@ class Run:
             write_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
         self.trainer.open(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         start = self.trainer.step_count
-        self.writer = event_writer(self.out / "tb", start) if main else NullWriter()
+        self.writer = self._writer(start) if main else NullWriter()
         self.bar = tqdm(total=self.cfg.train.max_steps, initial=start, desc="train",
                         dynamic_ncols=True, mininterval=1.0, disable=not main)
         try:
@@ -353,6 +357,14 @@ class Run:
             self.bar.close()
             self.trainer.wait()  # a save in flight holds finite parameters: let it commit
             self.writer.close()
+
+    def _writer(self, start: int) -> Loggers:
+        """Every chosen logger as one writer (`tnt.loggers`)."""
+        chosen = []
+        for name in self.loggers:
+            chosen.append(event_writer(self.out / "tb", start) if name == "tensorboard"
+                          else WandbLogger(self.out, self.cfg, start))
+        return Loggers(chosen)
 
     def _loop(self, start: int) -> float:
         cfg, t = self.cfg, self.cfg.train.resolved(self.cfg.model.norm)

@@ -21,9 +21,9 @@ from flax import nnx
 from tnt import checkpoint_io
 from tnt.backend import Loaded
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, kill_point, reason
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, custom_loop_meta, kill_point, reason
 from tnt.config import ModelConfig
-from tnt_jax.model import TnT, load_canonical
+from tnt_jax.model import TnT, load_canonical, to_canonical
 
 
 class _BackgroundWriteErrors(logging.Filter):
@@ -125,3 +125,24 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     """
     loaded = load(path, expect)
     return loaded.model, loaded.cfg, loaded.tokenizer
+
+
+def save_checkpoint(path: str | Path, model, cfg, tokenizer, step: int) -> Path:
+    """Save a custom training loop's `model` as step `step` of the run folder `path` (its
+    `checkpoints/<step>/`, written by orbax and committed atomically) with `cfg` (the RunConfig or
+    the model's ModelConfig) and `tokenizer`. `load_checkpoint`, `experiments.generate` and either
+    framework read it; it holds no optimizer state, so pretrain cannot `--resume` from it."""
+    import jax.numpy as jnp
+
+    meta = custom_loop_meta("jax", step, cfg, model.cfg, tokenizer)
+    directory = Path(path) / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    manager = open_manager(directory)
+    state = {"params": {k: jnp.asarray(v) for k, v in to_canonical(model).items()},
+             "step": jnp.int32(step)}
+    try:
+        save(manager, step, state, meta)
+        wait(manager)
+    finally:
+        manager.close()
+    return directory / str(step)

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from tnt import checkpoint_io
 from tnt.backend import Loaded
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, kill_point, reason
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, custom_loop_meta, kill_point, reason
 from tnt.config import ModelConfig
 
 PARAMS_FILE = "params.safetensors"
@@ -118,3 +118,14 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     """
     loaded = load(path, expect)
     return loaded.model, loaded.cfg, loaded.tokenizer
+
+
+def save_checkpoint(path: str | Path, model, cfg, tokenizer, step: int) -> Path:
+    """Save a custom training loop's `model` as step `step` of the run folder `path` (its
+    `checkpoints/<step>/`, committed atomically) with `cfg` (the RunConfig or the model's
+    ModelConfig) and `tokenizer`. `load_checkpoint`, `experiments.generate` and either framework
+    read it; it holds no optimizer state, so pretrain cannot `--resume` from it."""
+    from tnt_torch.model import to_canonical
+
+    meta = custom_loop_meta("torch", step, cfg, model.cfg, tokenizer)
+    return save(Path(path) / "checkpoints", step, to_canonical(model), {}, meta)

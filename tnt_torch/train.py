@@ -14,16 +14,24 @@ import os
 import torch
 
 from tnt.config import TrainConfig
+from tnt.threads import available_cores
 from tnt_torch import distributed
 from tnt_torch.model import TnT, loss_fn
 
 
 def configure_threads() -> None:
-    """Use every core for intra-op parallelism on the CPU unless the user chose otherwise."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if n and torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+    """Intra-op threads: `OMP_NUM_THREADS` (`--threads`, `tnt.threads`) when set, else every core
+    this process may use; inter-op threads at most as many (settable once, before any parallel
+    work: left as they are after that)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    n = int(env) if env.isdigit() and int(env) > 0 else available_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if torch.get_num_interop_threads() > n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # the inter-op pool has started already
+            pass
 
 
 def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
