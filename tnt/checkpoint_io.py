@@ -15,7 +15,7 @@ no JAX devices but relies on orbax's on-disk layout (`params.<name>` zarr arrays
 pyproject.toml pins the orbax versions checked, and `parity_tests/test_checkpoints.py` reads a
 real orbax checkpoint this way, so a layout change fails that test loudly.
 
-Recovery (issue 12): both writers commit a step by renaming a temporary folder (orbax:
+Recovery: both writers commit a step by renaming a temporary folder (orbax:
 `<step>.orbax-checkpoint-tmp-*`, torch: `.tmp-<step>-<pid>`), so a kill leaves at most a temp
 folder, which is never taken for a checkpoint. Old steps are pruned alike: a step folder is first
 renamed into `PRUNED` and only then deleted, so a kill while pruning never leaves a step folder
@@ -157,7 +157,7 @@ def read_meta(step_dir: Path, kind: str) -> dict:
 
 
 def run_config(meta: dict, where) -> RunConfig:
-    """The run config saved in a checkpoint's metadata; one that today's validation refuses is a
+    """The run config saved in a checkpoint's metadata; one that this version's validation refuses is a
     CheckpointError naming the checkpoint (so readers fall back and CLIs print one line)."""
     try:
         return RunConfig.from_dict(meta["config"])

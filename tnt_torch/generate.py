@@ -6,7 +6,7 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
 - `generate(..., use_cache=True)`: `TnT.start_cache` preallocates the self-attention caches, runs
   the encoder once and computes each layer's cross-attention keys and values once; the model's
   own `TnT.extend` prefills the prompt in one pass, then makes one token per row and step.
-- `generate(..., use_cache=False)`: the seed's method, the whole model (encoder and decoder)
+- `generate(..., use_cache=False)`: full recompute: the whole model (encoder and decoder)
   run again for every new token; the reference for tests and the benchmark's baseline.
 """
 
