@@ -319,7 +319,7 @@ def event_writer(tb: Path, start: int):
 def _loop(args, backend, cfg, out, ckpt_dir, corpus, batches, writer, bar, start,
           last_saved) -> float:
     t, spec = cfg.train.resolved(cfg.model.norm), corpus.tokenizer.spec
-    alphas = [n for n in param_specs(cfg.model) if n.endswith(".alpha")]
+    alphas = [n for n, s in param_specs(cfg.model).items() if s.kind == "alpha"]
     dynamics = Dynamics(cfg.model) if t.analysis_every else None
     print(f"TnT pretrain: backend={args.backend} arch={cfg.model.arch} norm={cfg.model.norm} "
           f"d_model={cfg.model.d_model} steps {start}->{t.max_steps} run dir {out}", flush=True)
