@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.checkpoints import Checkpoint, locate, read_checkpoint
+from experiments.flags import Parser
 from tnt import analysis
 from tnt.checkpoint_meta import CheckpointError
+from tnt.checkpoints import Checkpoint, locate, read_checkpoint
 from tnt.params import param_specs
 
 FIGSIZE, DPI = (12.0, 5.0), 100  # every PNG is 1200 x 500 pixels
@@ -253,7 +254,7 @@ def curve_numbers(curves) -> dict[str, float]:
     return out
 
 
-def write_report(out: Path, title: str, facts: dict[str, str], numbers: dict[str, float],
+def write_report(out: Path, title: str, facts: dict[str, object], numbers: dict[str, float],
                  images: dict[str, str], skipped: list[str]) -> Path:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in facts.items())
@@ -304,7 +305,7 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     numbers = curve_numbers(curves)
     if ckpt is not None:
         m = ckpt.config.model
-        facts.update({"backend": ckpt.backend, "step": str(ckpt.step), "checkpoint": str(ckpt.step_dir),
+        facts.update({"backend": ckpt.backend, "step": ckpt.step, "checkpoint": str(ckpt.step_dir),
                       "model": f"{m.arch}, {m.norm}, d_model {m.d_model}, {m.n_heads} heads, "
                                f"{m.n_encoder_layers if m.has_encoder else 0}+{m.n_decoder_layers} "
                                f"layers, F {m.hidden}, vocab {m.vocab_size}"})
@@ -315,8 +316,8 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.analyze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.analyze", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a run directory, its checkpoints folder, or one step folder")
     p.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     args = p.parse_args(argv)

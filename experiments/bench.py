@@ -2,9 +2,9 @@
 (`python -m experiments.bench generate` times decoding: see `experiments/bench_generate.py`.)
 
 Builds the run config exactly as `experiments.pretrain` does (preset, flags, `--set`), builds the
-backend by name (`tnt_jax.train.JaxBackend`, `tnt_torch.train.TorchBackend`: anything with
-`__init__(cfg)` and `step(batch) -> metrics`), feeds it synthetic batches of random token ids and
-times the step after compilation and warmup. Every step is waited for by reading the loss.
+backend's `Trainer` by name (`tnt.backend.backend(name).trainer(cfg)`), feeds it synthetic
+batches of random token ids and times the step after compilation and warmup. Every step is
+waited for by reading the loss.
 
 Reported: median step time, tokens/s, model FLOPs per token (`tnt.flops`), achieved FLOP/s, the
 peak FLOP/s of a large fp32 matmul measured in the same framework and process, MFU, and peak
@@ -34,18 +34,19 @@ import time
 import numpy as np
 
 from experiments import bench_generate
-from experiments.backends import BACKENDS, BackendUnavailable, backend_class
-from experiments.pretrain import batch_spec, tokens_per_step
+from experiments.flags import Parser
+from tnt.backend import BACKENDS, BackendUnavailable, backend
 from tnt.config import DTYPES, PRESETS, ConfigError, RunConfig, build_run_config
 from tnt.flops import datasheet_peak, flops_per_token
+from tnt.run import batch_spec, tokens_per_step
 from tnt.tokenizer import FIRST_ID
 
 N_BATCHES = 4  # distinct synthetic batches, cycled
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.bench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="time the train step")
     train.add_argument("--backend", choices=BACKENDS, default="jax")
@@ -86,88 +87,35 @@ def synthetic_batches(cfg: RunConfig, n: int = N_BATCHES, seed: int = 0) -> list
             for _ in range(n)]
 
 
-# --- framework-specific pieces, chosen by backend name ------------------------------------------
-
-def _jax_matmul_seconds(n: int, repeats: int) -> tuple[float, str]:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dot(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return min(times), jax.devices()[0].device_kind
+def matmul_peak(name: str, n: int = 0, repeats: int = 5) -> dict:
+    """FLOP/s of the best of `repeats` square fp32 matmuls (default precision) in backend `name`."""
+    framework = backend(name)
+    on_accelerator = framework.accelerator()
+    n = n or (8192 if on_accelerator else 2048)
+    seconds = framework.matmul_seconds(n, repeats)
+    return {"matmul_size": n, "matmul_peak_flops_per_s": 2 * n**3 / seconds,
+            "device": framework.device_name(),
+            "accelerator": on_accelerator}
 
 
-def _torch_matmul_seconds(n: int, repeats: int) -> tuple[float, str]:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=gen)
-    b = torch.randn(n, n, device=device, generator=gen)
-    torch.mm(a, b)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times), torch.cuda.get_device_name() if cuda else "cpu"
-
-
-def _on_gpu(backend: str) -> bool:
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def matmul_peak(backend: str, n: int = 0, repeats: int = 5) -> dict:
-    """FLOP/s of the best of `repeats` square fp32 matmuls (default precision) in `backend`."""
-    n = n or (8192 if _on_gpu(backend) else 2048)
-    seconds, device = {"jax": _jax_matmul_seconds, "torch": _torch_matmul_seconds}[backend](
-        n, repeats)
-    return {"matmul_size": n, "matmul_peak_flops_per_s": 2 * n**3 / seconds, "device": device,
-            "accelerator": _on_gpu(backend)}
-
-
-def peak_memory_bytes(backend: str) -> int:
-    """Peak device memory on a GPU; on the CPU the process's max resident set size."""
-    if _on_gpu(backend):
-        if backend == "jax":
-            import jax
-
-            stats = jax.devices()[0].memory_stats() or {}
-            if "peak_bytes_in_use" in stats:
-                return int(stats["peak_bytes_in_use"])
-        else:
-            import torch
-
-            return int(torch.cuda.max_memory_allocated())
+def peak_memory_bytes(name: str) -> int:
+    """Peak device memory on an accelerator; on the CPU the process's max resident set size."""
+    peak = backend(name).peak_memory_bytes()
+    if peak is not None:
+        return peak
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports kilobytes
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # --- timing -------------------------------------------------------------------------------------
 
-def time_steps(cfgs: list[RunConfig], backend: str, steps: int, warmup: int) -> list[dict]:
-    """Build one backend per config, compile and warm each, then alternate their timed steps."""
-    Backend = backend_class(backend)
+def time_steps(cfgs: list[RunConfig], name: str, steps: int, warmup: int) -> list[dict]:
+    """Build one trainer of backend `name` per config, compile and warm each, then alternate
+    their timed steps."""
+    framework = backend(name)
     runs = []
     for cfg in cfgs:
-        b, batches = Backend(cfg), synthetic_batches(cfg)
+        b, batches = framework.trainer(cfg), synthetic_batches(cfg)
         t0 = time.perf_counter()
         float(b.step(batches[0])["loss"])
         compile_s = time.perf_counter() - t0

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from experiments.backends import BACKENDS
+from tnt.backend import BACKENDS, Backend, backend
 from tnt.config import PRESETS, ConfigError, build_run_config
 from tnt.generation import Sampling
 from tnt.tokenizer import FIRST_ID
@@ -49,53 +49,24 @@ def add_parser(sub) -> None:
     g.add_argument("--json", action="store_true", help="accepted for symmetry; output is JSON")
 
 
-def _model(backend: str, args: argparse.Namespace):
+def _model(framework: Backend, args: argparse.Namespace):
     if args.ckpt:
-        from experiments.generate import load_model
-
-        return load_model(args.ckpt, backend)[0]
+        return framework.load(args.ckpt).model
     cfg = build_run_config(args.preset, {"arch": args.arch, "norm": args.norm}, args.set).model
-    if backend == "jax":
-        from flax import nnx
-
-        from tnt_jax.model import TnT
-
-        return TnT(cfg, nnx.Rngs(0))
-    from tnt_torch.model import TnT
-
-    return TnT(cfg).eval()
+    return framework.init_model(cfg)
 
 
-def _device(backend: str) -> str:
-    if backend == "jax":
-        import jax
-
-        return jax.devices()[0].device_kind
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def bench_backend(backend: str, args: argparse.Namespace) -> dict:
-    threads = None
-    if backend == "torch":
-        import torch
-
-        if args.threads and not torch.cuda.is_available():
-            torch.set_num_threads(args.threads)
-        threads = torch.get_num_threads()
-    if backend == "jax":
-        from tnt_jax.generate import generate
-    else:
-        from tnt_torch.generate import generate
-    model = _model(backend, args)
+def bench_backend(name: str, args: argparse.Namespace) -> dict:
+    framework = backend(name)
+    threads = framework.decode_threads(args.threads)
+    model = _model(framework, args)
     cfg = model.cfg
     rng = np.random.default_rng(0)
     prompts = [rng.integers(FIRST_ID, cfg.vocab_size, args.prompt_len)
                for _ in range(args.batch_size)]
-    run = lambda cache: generate(model, prompts, args.new_tokens, Sampling(),  # noqa: E731
+    run = lambda cache: framework.generate(model, prompts, args.new_tokens, Sampling(),  # noqa: E731
                                  use_cache=cache, warn=False, stop_at_eos=False)
-    result = {"backend": backend, "arch": cfg.arch, "norm": cfg.norm, "device": _device(backend),
+    result = {"backend": name, "arch": cfg.arch, "norm": cfg.norm, "device": framework.device_name(),
               "d_model": cfg.d_model, "n_decoder_layers": cfg.n_decoder_layers,
               "batch_size": args.batch_size, "torch_threads": threads}
     for mode, cache, repeats in (("cached", True, args.repeats),

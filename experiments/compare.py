@@ -43,12 +43,14 @@ from matplotlib.figure import Figure
 from experiments import evaluate as held_out
 from experiments import pretrain
 from experiments.analyze import DPI, FIGSIZE, read_scalars
-from experiments.backends import BACKENDS
-from experiments.checkpoints import locate
+from experiments.flags import Parser
+from tnt.backend import BACKENDS
 from tnt.checkpoint_io import read_meta
 from tnt.checkpoint_meta import CheckpointError
+from tnt.checkpoints import locate
 from tnt.config import PRESETS, ConfigError, build_run_config
 from tnt.data import DataError, is_prepared, load_corpus, split_documents
+from tnt.run import make_run_dir, write_atomic
 from tnt.tokenizer import tokenizer_from_spec
 from tnt.units import bits_per_byte
 
@@ -64,8 +66,8 @@ class CompareError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.compare", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"], default="encoder_decoder")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
@@ -165,7 +167,7 @@ def check_settings(out: Path, want: dict) -> None:
             raise CompareError(f"{out} holds runs made with other settings ({'; '.join(diff)}); "
                                f"use another --out")
     else:
-        pretrain.write_atomic(f, json.dumps(want, indent=1))
+        write_atomic(f, json.dumps(want, indent=1))
 
 
 def finished_step(run_dir: Path) -> int | None:
@@ -373,7 +375,7 @@ def compare(args: argparse.Namespace) -> dict:
     val_percent = build_run_config(args.preset, {"arch": args.arch}, args.set).train.val_percent
     if not is_prepared(args.data):
         split_documents(args.data, val_percent)  # refuse data with no text before any training
-    pretrain.make_run_dir(out)
+    make_run_dir(out)
     check_settings(out, settings(args))
     t0 = time.perf_counter()
     for i, run in enumerate(runs, 1):
@@ -419,7 +421,7 @@ def compare(args: argparse.Namespace) -> dict:
              f"+{m['n_decoder_layers']}, batch {t['batch_size']} x {t['seq_len']}, "
              f"{t['max_steps']} steps, seeds {seeds[0]}..{seeds[-1]}")
     plot(tables, best, mean, seed_curves, summary, title).savefig(out / "compare.png", dpi=DPI)
-    pretrain.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

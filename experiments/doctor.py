@@ -13,27 +13,13 @@ import argparse
 import json
 import sys
 
-
-def jax_info() -> dict:
-    import jax
-
-    devices = jax.devices()
-    return {"framework": "jax", "version": jax.__version__, "backend": jax.default_backend(),
-            "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
-            "accelerator": any(d.platform != "cpu" for d in devices)}
+from experiments.flags import Parser
+from tnt.backend import BACKENDS, backend
 
 
-def torch_info() -> dict:
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices = [f"cuda:{torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices = ["mps"]
-    return {"framework": "torch", "version": torch.__version__,
-            "cuda": torch.version.cuda, "devices": devices,
-            "accelerator": devices != ["cpu"]}
+def info(name: str) -> dict:
+    """Version, devices and whether one is an accelerator, as backend `name` sees them."""
+    return backend(name).devices()
 
 
 def warnings_for(jax: dict, torch: dict) -> list[str]:
@@ -47,22 +33,23 @@ def warnings_for(jax: dict, torch: dict) -> list[str]:
     return out
 
 
-def _safely(info, framework: str) -> dict:
-    """`info()`, or what it raised: a framework that cannot list its devices (a broken CUDA
-    install, `JAX_PLATFORMS` naming a missing platform) is what the doctor is for."""
+def _safely(framework: str) -> dict:
+    """`info(framework)`, or what it raised: a framework that cannot list its devices (a broken
+    CUDA install, `JAX_PLATFORMS` naming a missing platform, no install) is what the doctor is
+    for."""
     try:
-        return info()
+        return info(framework)
     except Exception as e:  # whatever the framework raises while initializing
         return {"framework": framework, "version": "?", "devices": [f"error: {e}"],
                 "accelerator": False, "error": f"{type(e).__name__}: {e}"}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.doctor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.doctor", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    infos = [_safely(jax_info, "jax"), _safely(torch_info, "torch")]
+    infos = [_safely(name) for name in BACKENDS]
     warnings = warnings_for(*infos) + [f"{i['framework']} failed: {i['error']}"
                                        for i in infos if "error" in i]
     if args.json:

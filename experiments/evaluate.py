@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.backends import BACKENDS, BackendUnavailable
-from experiments.pretrain import batch_spec
+from experiments.flags import Parser
+from tnt.backend import BACKENDS, BackendUnavailable
+from tnt.backend import backend as backend_module
 from tnt.checkpoint_io import newest_readable
 from tnt.checkpoint_meta import CheckpointError
 from tnt.data import (
@@ -36,47 +37,10 @@ from tnt.data import (
     text_files,
 )
 from tnt.generation import TokenizerMismatch, check_tokenizer
+from tnt.run import batch_spec
 from tnt.special_ids import SpecialIdCollision
 from tnt.tokenizer import same_tokenizer
 from tnt.units import bits_per_byte, bits_per_token, text_bytes
-
-
-def jax_scorer(path):
-    """(score(batch) -> (summed nats, label tokens), run config, tokenizer) with JAX."""
-    import jax
-
-    from tnt_jax import load_checkpoint
-    from tnt_jax.model import split_params
-    from tnt_jax.train import make_eval_step
-
-    model, cfg, tok = load_checkpoint(path)
-    graphdef, params = split_params(model)
-    step = make_eval_step(graphdef, cfg.train.grad_accum)
-
-    def score(batch):
-        s, c = step(params, jax.device_put(batch))
-        return float(s), int(c)
-
-    return score, cfg, tok
-
-
-def torch_scorer(path):
-    import torch
-
-    from tnt_torch import load_checkpoint
-    from tnt_torch.train import token_sum
-
-    model, cfg, tok = load_checkpoint(path)
-    model.eval()
-
-    def score(batch):
-        batch = {k: torch.as_tensor(np.asarray(v, np.int64)) for k, v in batch.items()}
-        return token_sum(model, batch, cfg.train.grad_accum)
-
-    return score, cfg, tok
-
-
-SCORERS = {"jax": jax_scorer, "torch": torch_scorer}
 
 
 def held_out_stream(data: str, tokenizer, split: str = "val") -> tuple[np.ndarray, int]:
@@ -102,14 +66,16 @@ def evaluate(path: str | Path, data: str, backend: str | None = None, batches: i
     weights); for one that does, it must be the same."""
     if batches < 1:
         raise DataError(f"--batches must be >= 1, got {batches}")
-    if backend is not None and backend not in SCORERS:
-        raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend is not None:
+        backend_module(backend)  # an unknown or missing framework fails before any reading
 
     def load(step_dir: Path, kind: str):  # the newest checkpoint that loads (a warning if older)
-        return SCORERS[backend or kind](step_dir), step_dir, kind
+        return backend_module(backend or kind).load(step_dir), step_dir, kind
 
-    (score, cfg, tok), step_dir, kind = newest_readable(path, load)
+    loaded, step_dir, kind = newest_readable(path, load)
     backend = backend or kind
+    score = backend_module(backend).token_sums(loaded.model, loaded.cfg)
+    cfg, tok = loaded.cfg, loaded.tokenizer
     if tokenizer == "bpe":
         raise DataError("--tokenizer bpe would train a new vocabulary; name the run's tokenizer.json")
     if tokenizer is not None:
@@ -149,8 +115,8 @@ def describe(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.evaluate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir, its checkpoints folder or a step folder (either backend)")
     p.add_argument("--data", required=True, help="text file or folder, or a prepared token folder")
     p.add_argument("--backend", choices=BACKENDS, help="framework that computes the loss "

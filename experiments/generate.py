@@ -20,17 +20,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.backends import BACKENDS
-from tnt.checkpoint_io import read_canonical
+from experiments.flags import Parser
+from tnt.backend import BACKENDS, Backend, BackendUnavailable, backend
 from tnt.checkpoint_meta import CheckpointError
-from tnt.config import ConfigError, RunConfig
+from tnt.config import ConfigError
 from tnt.generation import Sampling, TokenizerMismatch, check_tokenizer, check_tokenizer_spec
 from tnt.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_spec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.generate", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, checkpoints dir or step dir")
     p.add_argument("--prompt", action="append", default=[],
                    help="text to answer or continue (repeatable: one batch)")
@@ -51,23 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_model(path: str, backend: str):
-    """(model of `backend`, run config, tokenizer) from a checkpoint of either backend."""
-    params, meta = read_canonical(path)
-    cfg = RunConfig.from_dict(meta["config"])
-    if backend == "jax":
-        from flax import nnx
-
-        from tnt_jax.model import TnT, load_canonical
-
-        model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
-    else:
-        from tnt_torch.model import TnT, load_canonical
-
-        model = load_canonical(TnT(cfg.model), params).eval()
-    return model, cfg, tokenizer_from_spec(meta["tokenizer"]), meta
-
-
 def user_tokenizer(arg: str, meta: dict, where: str):
     """The `--tokenizer` the user named: any, for a checkpoint that carries none (imported
     weights), else refused unless it is the checkpoint's."""
@@ -83,8 +66,8 @@ def user_tokenizer(arg: str, meta: dict, where: str):
     return tok
 
 
-def answer(generate, model, tokenizer, prompts: list[str], args, sampling: Sampling) -> list[str]:
-    out = generate(model, [tokenizer.encode(p) for p in prompts], args.max_new_tokens, sampling,
+def answer(framework: Backend, model, tokenizer, prompts: list[str], args, sampling: Sampling) -> list[str]:
+    out = framework.generate(model, [tokenizer.encode(p) for p in prompts], args.max_new_tokens, sampling,
                    use_cache=not args.no_cache, warn=False)
     for note in out.notices:
         print(f"note: {note}", file=sys.stderr)
@@ -95,22 +78,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-        model, cfg, tokenizer, meta = load_model(args.ckpt, args.backend)
+        b = backend(args.backend)
+        loaded = b.load(args.ckpt)
+        model, cfg, tokenizer = loaded.model, loaded.cfg, loaded.tokenizer
         if args.tokenizer:
-            tokenizer = user_tokenizer(args.tokenizer, meta, f"checkpoint {args.ckpt}")
+            tokenizer = user_tokenizer(args.tokenizer, loaded.meta, f"checkpoint {args.ckpt}")
         if tokenizer is None:
             raise TokenizerMismatch(f"checkpoint {args.ckpt} carries no tokenizer (imported "
                                     f"weights); name one with --tokenizer FILE")
         check_tokenizer(tokenizer, cfg.model)
-        if args.backend == "jax":
-            from tnt_jax.generate import generate
-        else:
-            from tnt_torch.generate import generate
         if args.prompt:
-            for text in answer(generate, model, tokenizer, args.prompt, args, sampling):
+            for text in answer(b, model, tokenizer, args.prompt, args, sampling):
                 print(text)
         if args.interactive:
-            print(f"{cfg.model.arch} {cfg.model.norm} model, step {meta['step']}, "
+            print(f"{cfg.model.arch} {cfg.model.norm} model, step {loaded.step}, "
                   f"{args.backend}; /quit or EOF ends.", file=sys.stderr)
             while True:
                 try:
@@ -119,8 +100,8 @@ def main(argv=None) -> int:
                     break
                 if line.strip() == "/quit":
                     break
-                print(answer(generate, model, tokenizer, [line], args, sampling)[0], flush=True)
-    except (CheckpointError, ConfigError, TokenizerMismatch, ValueError) as e:
+                print(answer(b, model, tokenizer, [line], args, sampling)[0], flush=True)
+    except (CheckpointError, ConfigError, TokenizerMismatch, ValueError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,10 @@
 """Will a run fit? `python -m experiments.plan --preset ngpt-1b --device-memory 141e9 [--json]`.
 
+The model is sized for the vocabulary the run would use, as `experiments.pretrain` sizes it:
+`--tokenizer byte` (259 ids, the default), a tokenizer.json (its ids, plus an appended pad if it
+has none), `bpe` (at most `bpe_vocab_size`), or an explicit `--set vocab_size=N`; the parameter
+count printed is that model's (the embeddings and the lm_head grow with the vocabulary).
+
 Lowers and compiles the real JAX train step (`tnt_jax.train.make_train_step`: forward, backward,
 gradient accumulation, clip, Adam, eigen LRs, projection) for abstract inputs: the model is built
 with `nnx.eval_shape`, the state and the batch are `jax.ShapeDtypeStruct`s, and
@@ -28,7 +33,11 @@ import json
 import math
 import sys
 
-from tnt.config import PRESETS, REMATS, ConfigError, RunConfig, build_run_config
+from experiments.flags import Parser
+from tnt.config import PRESETS, REMATS, ConfigError, RunConfig, build_run_config, parse_set
+from tnt.data import DataError, make_tokenizer
+from tnt.params import param_specs
+from tnt.special_ids import tokenizer_special_ids
 
 
 def human(n: float) -> str:
@@ -37,6 +46,27 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def parameter_count(cfg: RunConfig) -> int:
+    """The number of parameters of `cfg`'s model (every entry of the shared table)."""
+    return sum(math.prod(spec.shape) for spec in param_specs(cfg.model).values())
+
+
+def sized_for_vocabulary(cfg: RunConfig, vocab_explicit: bool) -> tuple[RunConfig, str]:
+    """(`cfg` with the vocabulary size and special ids of its tokenizer, as a training run takes
+    them; a description of that vocabulary). A trained BPE's size is only known after training:
+    `bpe_vocab_size` is its upper bound."""
+    name = cfg.train.tokenizer
+    if vocab_explicit:
+        return cfg, f"vocab_size={cfg.model.vocab_size} as set"
+    if name == "bpe":
+        model = dataclasses.replace(cfg.model, vocab_size=cfg.train.bpe_vocab_size)
+        return dataclasses.replace(cfg, model=model), "a BPE of at most bpe_vocab_size ids"
+    vocab, ids = tokenizer_special_ids(make_tokenizer(name, [], cfg.train.bpe_vocab_size))
+    model = dataclasses.replace(cfg.model, vocab_size=vocab, **ids)
+    what = "the byte tokenizer" if name == "byte" else f"tokenizer {name}"
+    return dataclasses.replace(cfg, model=model), what
 
 
 def abstract_step(cfg: RunConfig):
@@ -123,9 +153,11 @@ def largest_microbatch(fixed: int, per_row: int, accumulator: int, batch: int,
     return max(fitting, default=0)
 
 
-def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS) -> dict:
+def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS,
+         vocabulary: str = "as configured") -> dict:
     """The compiled step of `cfg` as given; raises `DoesNotFit` when it needs more than
-    `device_memory`; else adds the largest microbatch per remat setting."""
+    `device_memory`; else adds the largest microbatch per remat setting. `vocabulary` says where
+    the model's vocabulary size comes from."""
     step = compile_step(cfg)
     m, t = cfg.model, cfg.train
     result = {"config": {"arch": m.arch, "d_model": m.d_model, "n_heads": m.n_heads,
@@ -134,6 +166,7 @@ def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS)
                          "dtype": m.dtype, "remat": m.remat, "batch_size": t.batch_size,
                          "grad_accum": t.grad_accum, "seq_len": t.seq_len,
                          "enc_len": t.encoder_len if m.has_encoder else 0},
+              "vocabulary": vocabulary, "parameter_count": parameter_count(cfg),
               "device_memory_bytes": device_memory, "compiler": compiler(), **step,
               "fits": step["needed_bytes"] <= device_memory}
     if not result["fits"]:
@@ -168,6 +201,8 @@ def describe(name: str, r: dict) -> str:
         f"{name}: {c['arch']} d{c['d_model']} L{c['n_decoder_layers']} H{c['n_heads']} "
         f"V{c['vocab_size']}, batch {c['batch_size']} x {c['seq_len']} tokens (grad_accum "
         f"{c['grad_accum']}: microbatch {micro}), {c['dtype']}, remat {c['remat']}",
+        f"  {r['parameter_count'] / 1e6:.1f}M parameters with {c['vocab_size']} vocabulary ids "
+        f"({r['vocabulary']})",
         f"  parameters        {human(r['parameter_bytes']):>10}",
         f"  optimizer state   {human(r['optimizer_state_bytes']):>10}",
         f"  temporaries       {human(r['temporary_bytes']):>10}",
@@ -187,9 +222,12 @@ def describe(name: str, r: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.plan", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    p.add_argument("--tokenizer", metavar="byte|bpe|PATH",
+                   help="size the vocabulary as a run with this tokenizer would (default: the "
+                        "config's, byte); --set vocab_size=N overrides it")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set grad_accum=16 (repeatable)")
     p.add_argument("--device-memory", type=float, default=141e9,
@@ -205,10 +243,12 @@ def main(argv=None) -> int:
     try:
         if args.device_memory <= 0:
             raise ConfigError(f"--device-memory must be > 0, got {args.device_memory}")
-        cfg = build_run_config(args.preset, sets=args.set)
+        cfg = build_run_config(args.preset, {"tokenizer": args.tokenizer}, args.set)
+        cfg, vocabulary = sized_for_vocabulary(
+            cfg, any(parse_set(s)[0] == "vocab_size" for s in args.set))
         remats = REMATS if args.remat == "both" else (args.remat,)
-        result = plan(cfg, args.device_memory, remats)
-    except (ConfigError, DoesNotFit) as e:
+        result = plan(cfg, args.device_memory, remats, vocabulary)
+    except (ConfigError, DataError, DoesNotFit) as e:
         print(f"error: preset {args.preset}: {e}" if isinstance(e, DoesNotFit) else f"error: {e}",
               file=sys.stderr)
         return 2

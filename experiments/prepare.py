@@ -24,6 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from experiments.flags import Parser
 from tnt.data import (
     Corpus,
     DataError,
@@ -104,8 +105,8 @@ def prepare(data: str, out: str, kind: str = "byte", val_percent: float = 5.0,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.prepare", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="stdlib")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH")

@@ -19,10 +19,15 @@ tests/test_compute_dtype_attention_remat.py, with the tolerance derived in docs/
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 import numpy as np
 import pytest
+
+# pytest-xdist runs several test processes (pyproject.toml): on a GPU each takes memory as it needs
+# it instead of JAX's default 75% of the device, which would leave the next process none.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # as in tests/conftest.py
 
@@ -87,14 +92,21 @@ def tol(device):
 
 @pytest.fixture
 def report(request):
-    """`report(what, a, b)` records and returns max |a - b|."""
+    """`report(what, a, b)` records and returns max |a - b|, as a user property of the test: its
+    report carries it to the process that prints the table (the main one under pytest-xdist)."""
 
     def record(what: str, a, b) -> float:
         diff = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-        RESULTS.append((request.node.name, what, diff))
+        request.node.user_properties.append(("parity", (what, diff)))
         return diff
 
     return record
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        case = report.nodeid.split("::")[-1]
+        RESULTS.extend((case, *value) for key, value in report.user_properties if key == "parity")
 
 
 def pytest_terminal_summary(terminalreporter):

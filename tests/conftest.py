@@ -9,9 +9,15 @@ ignores the setting.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
+
+# pytest-xdist runs several test processes (pyproject.toml): on a GPU each takes memory as it needs
+# it instead of JAX's default 75% of the device, which would leave the next process none.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")

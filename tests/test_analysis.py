@@ -2,6 +2,7 @@
 of `experiments.pretrain`, on tiny runs of both backends."""
 
 import importlib
+import json
 import re
 
 import numpy as np
@@ -11,10 +12,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments import analyze
-from experiments.checkpoints import read_checkpoint
-from experiments.dynamics import Dynamics, chosen_layers
 from experiments.pretrain import main as pretrain_main
 from tnt import analysis
+from tnt.checkpoints import read_checkpoint
+from tnt.dynamics import Dynamics, chosen_layers
 from tnt.params import param_specs, unit_norm
 
 PNG_SIZE = (int(analyze.FIGSIZE[0] * analyze.DPI), int(analyze.FIGSIZE[1] * analyze.DPI))
@@ -217,6 +218,9 @@ def test_analyze_writes_readable_pngs_and_a_report_linking_them(run_dir, tmp_pat
     assert backend in page and "final val loss" in page
     if norm != "ngpt":
         assert "eigen_lrs.png" in page.split("Not applicable here:")[1].split("</p>")[0]
+    facts, numbers = json.loads((dest / "numbers.json").read_text()).values()
+    assert facts["step"] == 4 and facts["backend"] == backend  # typed, not strings
+    assert numbers and all(isinstance(v, float) for v in numbers.values())
 
 
 def test_analyze_refuses_a_path_without_checkpoint_or_events(tmp_path, capsys):

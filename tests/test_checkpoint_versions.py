@@ -16,8 +16,8 @@ from tnt.checkpoint_meta import VERSION, CheckpointError, check_meta, make_meta
 from tnt.config import RunConfig, TrainConfig
 from tnt.params import param_specs
 from tnt_jax import checkpoint as jax_checkpoint
-from tnt_jax.train import JaxBackend
-from tnt_torch.train import TorchBackend
+from tnt_jax.backend import Trainer as JaxTrainer
+from tnt_torch.backend import Trainer as TorchTrainer
 
 SPEC = {"kind": "byte", "vocab_size": 259}
 CFG = RunConfig(tiny_config("decoder_only", "ngpt", n_decoder_layers=1),
@@ -34,7 +34,7 @@ def eigen_lrs() -> dict[str, float]:
 
 
 def test_jax_converts_a_version_1_checkpoint(tmp_path, rng):
-    a = JaxBackend(CFG)
+    a = JaxTrainer(CFG)
     for _ in range(2):
         a.step(batch(rng))
     adam = a.state.opt_state[1]
@@ -46,7 +46,7 @@ def test_jax_converts_a_version_1_checkpoint(tmp_path, rng):
     manager = jax_checkpoint.open_manager(tmp_path / "checkpoints", keep=2)
     jax_checkpoint.save(manager, a.step_count, old_state._asdict(), meta)
     manager.wait_until_finished()
-    b = JaxBackend(CFG)
+    b = JaxTrainer(CFG)
     b.restore(tmp_path)
     restored = b.state.opt_state[1]
     converted = 0
@@ -60,17 +60,17 @@ def test_jax_converts_a_version_1_checkpoint(tmp_path, rng):
 
 
 def test_torch_converts_a_version_1_checkpoint(tmp_path, rng):
-    a = TorchBackend(CFG)
+    a = TorchTrainer(CFG)
     for _ in range(2):
         a.step(batch(rng))
     a.open(tmp_path / "checkpoints", keep=2)
     a.save(SPEC)
     meta_file = tmp_path / "checkpoints" / "2" / "meta.json"
     assert json.loads(meta_file.read_text())["version"] == VERSION == 2
-    same = TorchBackend(CFG)
+    same = TorchTrainer(CFG)
     same.restore(tmp_path)  # the current version: restored as written
     meta_file.write_text(json.dumps(json.loads(meta_file.read_text()) | {"version": 1}))
-    b = TorchBackend(CFG)
+    b = TorchTrainer(CFG)
     b.restore(tmp_path)
     before, now, unchanged = (x.opt.canonical_state() for x in (a, b, same))
     for name, m in eigen_lrs().items():

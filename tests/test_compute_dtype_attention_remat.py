@@ -19,8 +19,8 @@ import tnt_jax.model as jmodel
 import tnt_torch.model as tmodel
 from tnt.config import RunConfig, TrainConfig
 from tnt.params import param_specs
-from tnt_jax.train import JaxBackend
-from tnt_torch.train import TorchBackend
+from tnt_jax.backend import Trainer as JaxTrainer
+from tnt_torch.backend import Trainer as TorchTrainer
 
 
 def padded_batch(cfg, rng) -> dict[str, np.ndarray]:
@@ -92,7 +92,7 @@ def train_batch(cfg: RunConfig, rng) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("backend_cls", [JaxBackend, partial(TorchBackend, compile=False)],
+@pytest.mark.parametrize("backend_cls", [JaxTrainer, partial(TorchTrainer, compile=False)],
                          ids=["jax", "torch"])
 def test_bf16_training_keeps_float32_parameters_on_the_sphere(backend_cls, rng):
     cfg = run_config("encoder_decoder", "ngpt", dtype="bfloat16")
@@ -110,13 +110,13 @@ def test_bf16_training_keeps_float32_parameters_on_the_sphere(backend_cls, rng):
 
 
 def test_bf16_jax_optimizer_state_stays_float32(rng):
-    backend = JaxBackend(run_config("decoder_only", "ngpt", dtype="bfloat16"))
+    backend = JaxTrainer(run_config("decoder_only", "ngpt", dtype="bfloat16"))
     backend.step(train_batch(backend.cfg, rng))
     leaves = [x for x in jax.tree.leaves(backend.state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
 
 
-@pytest.mark.parametrize("backend_cls", [JaxBackend, partial(TorchBackend, compile=False)],
+@pytest.mark.parametrize("backend_cls", [JaxTrainer, partial(TorchTrainer, compile=False)],
                          ids=["jax", "torch"])
 def test_bf16_training_ends_close_to_fp32(backend_cls):
     """The issue's criterion (within 2% of the fp32 run's loss) on a tiny run: 30 steps on a fixed

@@ -153,3 +153,12 @@ def test_one_name_check_names_missing_and_unexpected():
                                        r"decoder\.bogus"):
         check_names(names, cfg, "optimizer state")
     check_names(list(param_specs(cfg)), cfg)
+
+
+def test_unknown_field_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"'dmodel' \(did you mean 'd_model'\?\)"):
+        build_run_config("cpu", sets=["dmodel=256"])
+    with pytest.raises(ConfigError, match=r"unknown config field 'zzz'$"):
+        build_run_config("cpu", sets=["zzz=1"])
+    with pytest.raises(ConfigError, match=r"'n_head' \(did you mean 'n_heads'\?\)"):
+        RunConfig.from_dict({"model": {"n_head": 4}, "train": {}})

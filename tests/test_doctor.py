@@ -23,16 +23,14 @@ def test_doctor_warns_when_only_one_framework_sees_a_gpu(monkeypatch, capsys):
            "accelerator": True}
     cpu = {"framework": "torch", "version": "2.13.0+cpu", "cuda": None, "devices": ["cpu"],
            "accelerator": False}
-    monkeypatch.setattr(doctor, "jax_info", lambda: gpu)
-    monkeypatch.setattr(doctor, "torch_info", lambda: cpu)
+    monkeypatch.setattr(doctor, "info", {"jax": gpu, "torch": cpu}.get)
     assert doctor.main([]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "jax 9.9: gpu:NVIDIA H200" and out[1] == "torch 2.13.0+cpu: cpu"
     assert out[2].startswith("warning: jax sees gpu:NVIDIA H200 but torch 2.13.0+cpu sees only")
-    monkeypatch.setattr(doctor, "jax_info", lambda: {**gpu, "devices": ["cpu:cpu"],
-                                                    "accelerator": False})
-    monkeypatch.setattr(doctor, "torch_info", lambda: {**cpu, "devices": ["cuda:NVIDIA H200"],
-                                                      "accelerator": True})
+    monkeypatch.setattr(doctor, "info", {"jax": {**gpu, "devices": ["cpu:cpu"], "accelerator": False},
+                                         "torch": {**cpu, "devices": ["cuda:NVIDIA H200"],
+                                                   "accelerator": True}}.get)
     assert doctor.main([]) == 1
     assert "torch sees cuda:NVIDIA H200 but jax 9.9 sees only the CPU" in capsys.readouterr().out
     assert doctor.warnings_for(cpu, {**cpu, "framework": "jax"}) == []

@@ -17,10 +17,12 @@ from flax import nnx
 from helpers import random_tokens, tiny_config
 
 from tnt.config import ConfigError, RunConfig, TrainConfig
+from tnt_jax.backend import Trainer as JaxTrainer
 from tnt_jax.model import TnT, split_params
 from tnt_jax.optim import build_optimizer
-from tnt_jax.train import JaxBackend, TrainState, accumulated_grads, make_train_step
-from tnt_torch.train import TorchBackend, accumulate_grads, microbatches
+from tnt_jax.train import TrainState, accumulated_grads, make_train_step
+from tnt_torch.backend import Trainer as TorchTrainer
+from tnt_torch.train import accumulate_grads, microbatches
 
 TOL = 1e-5
 STEPS = 3
@@ -81,13 +83,13 @@ def clipped_loss(metrics: dict, cfg: RunConfig) -> float:
 
 
 def jax_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
-    backend = JaxBackend(cfg)
+    backend = JaxTrainer(cfg)
     losses = [clipped_loss(backend.step(b), cfg) for b in batches]
     return {k: np.asarray(v) for k, v in backend.state.params.items()}, losses
 
 
 def torch_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
-    backend = TorchBackend(cfg, device="cpu", compile=False)
+    backend = TorchTrainer(cfg, device="cpu", compile=False)
     losses = [clipped_loss(backend.step(b), cfg) for b in batches]
     return {n: p.detach().numpy().copy() for n, p in backend.net.named_parameters()}, losses
 
@@ -109,7 +111,7 @@ def test_accumulated_steps_equal_big_batch_steps(framework, arch, norm):
 
 def test_torch_microbatch_gradients_equal_the_big_batch():
     cfg = run_config("encoder_decoder", "ngpt", 1)
-    backend = TorchBackend(cfg, device="cpu", compile=False)
+    backend = TorchTrainer(cfg, device="cpu", compile=False)
     batch = backend._put(padded_batch(cfg.model, 0))
     grads = {}
     for n in (1, 2, 4):
@@ -164,7 +166,7 @@ def test_evaluation_runs_microbatches_and_gives_the_big_batch_loss(framework, mo
     if framework == "jax":
         import jax
 
-        backends = [JaxBackend(run_config("encoder_decoder", "ngpt", n)) for n in (1, 4)]
+        backends = [JaxTrainer(run_config("encoder_decoder", "ngpt", n)) for n in (1, 4)]
         jaxpr = jax.make_jaxpr(backends[1]._eval_step)(backends[1].state.params,
                                                         backends[1]._put(batches[0]))
         assert "scan" in str(jaxpr) and "scan" not in str(jax.make_jaxpr(backends[0]._eval_step)(
@@ -176,7 +178,7 @@ def test_evaluation_runs_microbatches_and_gives_the_big_batch_loss(framework, mo
         real = torch_train_module.loss_fn
         monkeypatch.setattr(torch_train_module, "loss_fn",
                             lambda model, b: rows.append(len(b["labels"])) or real(model, b))
-        backends = [TorchBackend(run_config("encoder_decoder", "ngpt", n), device="cpu",
+        backends = [TorchTrainer(run_config("encoder_decoder", "ngpt", n), device="cpu",
                                  compile=False) for n in (1, 4)]
     one, four = (b.evaluate(iter(batches)) for b in backends)
     if framework == "torch":

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     from tnt.data import BatchSpec
     from tnt.params import param_specs
     from tnt_jax import sharding as sh
-    from tnt_jax.train import JaxBackend
+    from tnt_jax.backend import Trainer as JaxTrainer
 
     cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only", "seq_len=8", "batch_size=8"])
     spec = BatchSpec(cfg.model.arch, 8, 8, 8, cfg.model.bos_id)
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     for text in ("one", "data=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2"):
         devices = jax.devices()[:1] if text == "one" else None
         shape = sh.MeshShape.parse("" if text == "one" else text, 1 if devices else 8)
-        b = backends[text] = JaxBackend(cfg, sh.build_mesh(shape, devices))
+        b = backends[text] = JaxTrainer(cfg, sh.build_mesh(shape, devices))
         losses = [float(b.step(x)["loss"]) for x in batches[:3]]
         params = {k: sh.to_numpy(v) for k, v in b.state.params.items()}
         norms = [float(np.max(np.abs(np.linalg.norm(params[n].astype(np.float64),

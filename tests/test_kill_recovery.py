@@ -84,7 +84,7 @@ def test_a_session_opened_in_the_same_second_still_supersedes_the_earlier_one(tm
     test above)."""
     from tensorboardX import SummaryWriter
 
-    from experiments.pretrain import event_writer
+    from tnt.run import event_writer
 
     tb = tmp_path / "tb"
     earlier = SummaryWriter(str(tb), filename_suffix=".99999999")  # sorts after any real pid

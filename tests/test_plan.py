@@ -64,3 +64,24 @@ def test_plan_refuses_a_config_that_does_not_fit(capsys):
 def test_plan_bad_input_is_an_error(capsys, bad):
     assert plan.main([*TINY, *bad]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_parameter_count_is_for_the_vocabulary_in_use(tmp_path, capsys):
+    """A tokenizer.json sizes the model as a training run does: its 5 ids, `<|endoftext|>` as bos
+    and eos, and an added `<pad>`: 6 ids. The count grows by an embedding row and an lm_head
+    column per id (and an s_z entry for nGPT)."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert plan.main([*TINY[:4], "--tokenizer", str(tmp_path / "tokenizer.json"), "--remat", "none",
+                      "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only", "vocab_size=6"])
+    assert r["config"]["vocab_size"] == 6 and r["parameter_count"] == plan.parameter_count(cfg)
+    assert r["parameter_count"] * 4 == r["parameter_bytes"] and "tokenizer.json" in r["vocabulary"]
+    paper, byte = (build_run_config("ngpt-0.5b", sets=[f"vocab_size={v}"]) for v in (32001, 259))
+    assert plan.parameter_count(paper) - plan.parameter_count(byte) == (32001 - 259) * (2 * 1024 + 1)
+    assert plan.main([*TINY[:4], "--tokenizer", str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: tokenizer ")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.backends import BACKENDS, Backend, backend_class
 from experiments.pretrain import main
+from tnt.backend import BACKENDS, Backend, BackendUnavailable, Trainer
+from tnt.backend import backend as backend_module
 
 
 def run(corpus, out, backend, *extra):
@@ -96,13 +97,26 @@ def test_unknown_backend_is_refused(corpus, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def _protocol_members(proto) -> dict:
+    return {m: v for m, v in vars(proto).items()
+            if not m.startswith("_") and (callable(v) or isinstance(v, property | staticmethod))}
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_each_backend_implements_the_backend_protocol(name):
     import inspect
 
-    cls = backend_class(name)
-    members = {m: v for m, v in vars(Backend).items()
-               if not m.startswith("_") and (callable(v) or isinstance(v, property | staticmethod))}
+    module = backend_module(name)
+    assert module.name == name
+    members = _protocol_members(Backend)
+    assert {"start", "trainer", "load", "token_sums", "token_logprobs", "generate"} <= set(members)
+    for member, proto in members.items():
+        impl = getattr(module, member, None)
+        assert callable(impl), f"tnt_{name}.backend lacks {member}"
+        want = list(inspect.signature(proto).parameters)[1:]  # a module function has no self
+        assert list(inspect.signature(impl).parameters)[:len(want)] == want, member
+    cls = module.Trainer
+    members = _protocol_members(Trainer)
     assert {"step", "evaluate", "sample", "restore", "step_count"} <= set(members)
     for member, proto in members.items():
         impl = inspect.getattr_static(cls, member, None)
@@ -112,6 +126,26 @@ def test_each_backend_implements_the_backend_protocol(name):
             want = list(inspect.signature(proto).parameters)
             assert list(inspect.signature(impl).parameters)[:len(want)] == want, member
     assert cls.name == name
+
+
+def test_an_unknown_or_missing_backend_names_the_fix(monkeypatch):
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tensorflow'; choose from jax, torch"):
+        backend_module("tensorflow")
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "tnt_torch.backend", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(BackendUnavailable, match=r'needs torch, which is not installed: '
+                                                 r'pip install -e "\.\[torch\]"'):
+        backend_module("torch")
 
 
 def test_sample_tokens_zero_ends_without_a_sample(corpus, tmp_path, capsys):
@@ -124,11 +158,11 @@ def test_sample_tokens_zero_ends_without_a_sample(corpus, tmp_path, capsys):
 def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
     """Before a save the guard asks the backend which parameters are not finite (reduced on the
     device) instead of copying every weight to the host."""
-    from experiments.pretrain import Diverged, check_finite
     from tnt.config import build_run_config
+    from tnt.run import divergence
 
     cfg = build_run_config("cpu-tiny")
-    backend = backend_class(name)(cfg)
+    backend = backend_module(name).trainer(cfg)
     assert backend.nonfinite() == []
     bad = "decoder.layers.0.mlp.w_out"
     if name == "jax":
@@ -141,5 +175,4 @@ def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
         with torch.no_grad():
             dict(backend.net.named_parameters())[bad].view(-1)[0] = float("inf")
     assert backend.nonfinite() == [bad]
-    with pytest.raises(Diverged, match=f"non-finite parameters \\({bad}\\)"):
-        check_finite(3, None, cfg.train, backend, None, tmp_path, params=True)
+    assert divergence(None, cfg.train.max_loss, backend) == f"non-finite parameters ({bad})"

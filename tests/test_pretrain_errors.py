@@ -13,8 +13,8 @@ import pytest
 from experiments import prepare
 from experiments.evaluate import evaluate
 from experiments.pretrain import main
-from experiments.run_lock import RunLock
 from tnt.checkpoint_io import CheckpointFallback, committed, read_canonical
+from tnt.run_lock import RunLock
 
 BACKENDS = ["jax", "torch"]
 

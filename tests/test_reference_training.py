@@ -20,8 +20,9 @@ from flax import nnx
 from helpers import random_tokens, tiny_config
 
 from tnt.config import TrainConfig
-from tnt.params import param_specs
-from tnt.rope import rotate_half_tables
+from tnt.params import ALPHA_INIT, param_specs
+from tnt.reference import convert_reference
+from tnt.rope import reference_tables, rotate_half_tables
 from tnt.schedule import learning_rate
 from tnt_jax import model as jax_model
 from tnt_jax.optim import build_optimizer
@@ -40,21 +41,30 @@ def plain_norm(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def rotate(x_BxLxHxK, L):
+def rotate(x_BxLxHxK, L, rope_mode="rotate"):
+    """RoPE, or the public nGPT code's transform for `rope_mode="ngpt_reference"` (its pairs
+    (-x[2i+1], x[2i]) times its halves (cos_half[i], sin_half[i]), as tnt.rope describes)."""
+    if rope_mode == "ngpt_reference":
+        sin_half, cos_half = (jnp.asarray(t, x_BxLxHxK.dtype)[:L, None, :]
+                              for t in reference_tables(L, x_BxLxHxK.shape[-1], 1e4))
+        pairs = jnp.stack([-x_BxLxHxK[..., 1::2] * cos_half, x_BxLxHxK[..., ::2] * sin_half], -1)
+        return pairs.reshape(x_BxLxHxK.shape)
     cos, sin = (jnp.asarray(t)[:L, None, :] for t in rotate_half_tables(L, x_BxLxHxK.shape[-1], 1e4))
     x1, x2 = jnp.split(x_BxLxHxK, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def reference_loss(p, batch, cfg):
-    """The nGPT forward on effective parameters `p`, every normalization a plain division. It
-    broadcasts the way the reference's torch code does, so rank promotion is allowed here (the
-    suite raises on it elsewhere, to keep TnT's own model explicit)."""
+def reference_loss(p, batch, cfg, has_pad=True):
+    """The nGPT forward on effective parameters `p`, every normalization a plain division; with
+    `has_pad` its vocabulary is TnT's real tokens (the pad's column deleted), otherwise all of
+    `p`'s ids (a reference vocabulary, which has no pad). It broadcasts the way the reference's
+    torch code does, so rank promotion is allowed here (the suite raises on it elsewhere, to keep
+    TnT's own model explicit)."""
     with jax.numpy_rank_promotion("allow"):
-        return _reference_loss(p, batch, cfg)
+        return _reference_loss(p, batch, cfg, has_pad)
 
 
-def _reference_loss(p, batch, cfg):
+def _reference_loss(p, batch, cfg, has_pad):
     H, K = cfg.n_heads, cfg.head_dim
 
     def attention(pre, x, kv, causal, rope):
@@ -62,7 +72,7 @@ def _reference_loss(p, batch, cfg):
         k = (kv @ p[f"{pre}.wk"]).reshape(*kv.shape[:2], H, K)
         v = (kv @ p[f"{pre}.wv"]).reshape(*kv.shape[:2], H, K)
         if rope:
-            q, k = rotate(q, q.shape[1]), rotate(k, k.shape[1])
+            q, k = rotate(q, q.shape[1], cfg.rope_mode), rotate(k, k.shape[1], cfg.rope_mode)
         s_qk = p[f"{pre}.s_qk"].reshape(H, K)
         q, k = s_qk * plain_norm(q), s_qk * plain_norm(k)
         scores = jnp.einsum("blhk,bshk->bhls", q, k) * math.sqrt(K)
@@ -75,7 +85,8 @@ def _reference_loss(p, batch, cfg):
     def mlp(pre, x):
         u, v = jnp.split(x @ p[f"{pre}.w_in"] * (p[f"{pre}.s_uv"] * math.sqrt(cfg.d_model)), 2,
                          axis=-1)
-        return (u * jax.nn.gelu(v, approximate=False)) @ p[f"{pre}.w_out"]
+        act = jax.nn.gelu(v, approximate=False) if cfg.activation == "gelu" else jax.nn.silu(v)
+        return (u * act) @ p[f"{pre}.w_out"]
 
     def residual(h, f, alpha):  # the reference's A_norm, B_norm, lerp, norm
         a, b = plain_norm(h), plain_norm(f)
@@ -96,11 +107,15 @@ def _reference_loss(p, batch, cfg):
     if cfg.has_encoder:
         enc = stack("encoder", cfg.n_encoder_layers, batch["enc_tokens"], False)
     h = stack("decoder", cfg.n_decoder_layers, batch["dec_tokens"], True, enc)
-    logp = jax.nn.log_softmax(p["s_z"] * (h @ p["lm_head"]), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1))
+    logits, labels = p["s_z"] * (h @ p["lm_head"]), batch["labels"]
+    if has_pad:  # the batch holds no pad label: the ids after the pad move down by one
+        logits = jnp.delete(logits, cfg.pad_id, axis=-1, assume_unique_indices=True)
+        labels = labels - (labels > cfg.pad_id)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
 
 
-def reference_training(eff, batch, cfg, train):
+def reference_training(eff, batch, cfg, train, steps=STEPS, has_pad=True):
     """The reference's loop on stored parameters `eff / m`; returns the effective parameters after
     each step and the stored gradients' global norms (before clipping)."""
     specs, t = param_specs(cfg), train.resolved(cfg.norm)
@@ -109,9 +124,9 @@ def reference_training(eff, batch, cfg, train):
     first = {n: jnp.zeros_like(v) for n, v in stored.items()}
     second = {n: jnp.zeros_like(v) for n, v in stored.items()}
     loss_of_stored = jax.jit(jax.grad(
-        lambda s: reference_loss({n: v * m[n] for n, v in s.items()}, batch, cfg)))
+        lambda s: reference_loss({n: v * m[n] for n, v in s.items()}, batch, cfg, has_pad)))
     norms = []
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         g = loss_of_stored(stored)
         total = float(jnp.sqrt(sum(jnp.sum(v * v) for v in g.values())))
         norms.append(total)
@@ -148,14 +163,14 @@ def initial(cfg, rng):
     return eff, batch
 
 
-def jax_training(eff, batch, cfg, train):
+def jax_training(eff, batch, cfg, train, steps=STEPS):
     graphdef, _ = jax_model.split_params(jax_model.TnT(cfg, nnx.Rngs(0)))
     tx = build_optimizer(cfg, train)
     params = {n: jnp.asarray(v) for n, v in eff.items()}
     state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     step = make_train_step(graphdef, tx)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-    for _ in range(STEPS):
+    for _ in range(steps):
         state, _ = step(state, jbatch)
     return {n: np.asarray(v) for n, v in state.params.items()}
 
@@ -168,11 +183,11 @@ def torch_model_with(eff, cfg):
     return net
 
 
-def torch_training(eff, batch, cfg, train):
+def torch_training(eff, batch, cfg, train, steps=STEPS):
     net = torch_model_with(eff, cfg)
     opt = TnTOptimizer(net, cfg, train)
     tbatch = {k: torch.from_numpy(v) for k, v in batch.items()}
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss, _ = torch_model.loss_fn(net, tbatch)
         loss.backward()
         opt.step()
@@ -228,3 +243,69 @@ def test_gradients_equal_autodiff_through_plain_norms(arch):
     rows = np.unique(batch["dec_tokens"])
     radial = np.sum(np.asarray(want[embed])[rows] * eff[embed][rows], axis=-1)
     assert np.abs(radial).max() > 1e-3 * scale
+
+
+def reference_state(eff, cfg):
+    """The state dict the reference's code holds for effective parameters `eff` (decoder-only
+    nGPT): its names, `[out, in]` matrices, each scaler stored at `effective / (init/scale)`."""
+    scale = cfg.init_scale
+    state = {"transformer.wte.weight": eff["decoder.embed"], "lm_head.weight": eff["lm_head"].T,
+             "sz": eff["s_z"] * scale}
+    for i in range(cfg.n_decoder_layers):
+        ours, ref = f"decoder.layers.{i}", f"transformer.h.{i}"
+        for theirs, name in (("query", "attn.wq"), ("key", "attn.wk"), ("value", "attn.wv"),
+                             ("att_c_proj", "attn.wo"), ("c_fc", "mlp.w_in"),
+                             ("mlp_c_proj", "mlp.w_out")):
+            state[f"{ref}.{theirs}.weight"] = eff[f"{ours}.{name}"].T
+        state[f"{ref}.attn_alpha"] = eff[f"{ours}.attn.alpha"] * (scale / ALPHA_INIT)
+        state[f"{ref}.mlp_alpha"] = eff[f"{ours}.mlp.alpha"] * (scale / ALPHA_INIT)
+        state[f"{ref}.sqk"] = eff[f"{ours}.attn.s_qk"] * scale
+        state[f"{ref}.suv"] = eff[f"{ours}.mlp.s_uv"]
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def on_sphere(params, cfg):
+    """float64 copies with every projected matrix renormalized (the float32 import rounds them)."""
+    specs = param_specs(cfg)
+    out = {}
+    for n, v in params.items():
+        v = np.asarray(v, np.float64)
+        if specs[n].project_axis is not None:
+            v = v / np.linalg.norm(v, axis=specs[n].project_axis, keepdims=True)
+        out[n] = v
+    return out
+
+
+def source_part(params, vocab):
+    """The imported parameters without the appended pad id (row, column, s_z entry)."""
+    cut = {"decoder.embed": lambda v: v[:vocab], "lm_head": lambda v: v[:, :vocab],
+           "s_z": lambda v: v[:vocab]}
+    return {n: cut.get(n, lambda v: v)(np.asarray(v)) for n, v in params.items()}
+
+
+def test_an_imported_reference_model_trains_as_the_reference_loop():
+    """A model imported from the reference's weights (V + 1 ids: the pad appended, out of the
+    loss's softmax) takes five training steps in both frameworks and lands on the parameters
+    the reference's own loop reaches on its V ids (docs/design.md, "Special ids"); the pad's
+    row, column and s_z entry stay as imported."""
+    src = tiny_config("decoder_only", "ngpt", activation="silu", rope_mode="ngpt_reference")
+    V, steps, train = src.vocab_size, 5, TrainConfig(max_steps=20)
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        eff, _ = initial(src, rng)
+        imported, cfg = convert_reference(reference_state(eff, src), src.n_heads,
+                                          max_len=src.max_len_decoder)
+        assert (cfg.vocab_size, cfg.pad_id) == (V + 1, V)
+        start = on_sphere(imported, cfg)
+        tokens = rng.integers(0, V, size=(4, 9))  # every source id may occur, 0, 1 and 2 too
+        batch = {"dec_tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
+        ref, _ = reference_training({n: jnp.asarray(v) for n, v in source_part(start, V).items()},
+                                    batch, src, train, steps, has_pad=False)
+        ours_jax = jax_training(start, batch, cfg, train, steps)
+    ours_torch = torch_training(start, batch, cfg, train, steps)
+    assert max_difference(ref, source_part(start, V))[0] > 1e-3  # the steps moved the parameters
+    for ours in (ours_jax, ours_torch):
+        assert max_difference(source_part(ours, V), ref)[0] < 1e-10, max_difference(source_part(ours, V), ref)
+        for name, pad_part in (("decoder.embed", lambda v: v[V]), ("lm_head", lambda v: v[:, V]),
+                               ("s_z", lambda v: v[V])):
+            np.testing.assert_array_equal(pad_part(ours[name]), pad_part(start[name]))

@@ -10,10 +10,10 @@ import torch
 from helpers import tiny_config
 
 import tnt_torch
-from experiments.pretrain import fit_tokenizer
 from tnt.checkpoint_meta import make_meta
 from tnt.config import ConfigError, RunConfig, TrainConfig, build_run_config
 from tnt.generation import TokenizerMismatch, check_tokenizer, prepare
+from tnt.run import fit_tokenizer
 from tnt.special_ids import SpecialIdCollision, VocabularyFile, check_special_ids, resolve_import_ids
 from tnt.tokenizer import ByteTokenizer
 from tnt_torch import checkpoint

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     from tnt.config import build_run_config
     from tnt.data import BatchSpec
-    from tnt_torch.train import TorchBackend
+    from tnt_torch.backend import Trainer as TorchTrainer
 
     torch.manual_seed(0)
     cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only", "seq_len=8", "batch_size=4"])
@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     batches = [spec.make(rng.integers(3, 259, (4, spec.window))) for _ in range(3)]
     for b in batches:  # rank 0's rows hold fewer real labels than rank 1's
         b["labels"][0, :5] = cfg.model.pad_id
-    backend = TorchBackend(cfg, compile=False)
+    backend = TorchTrainer(cfg, compile=False)
     losses = [float(backend.step(b)["loss"]) for b in batches]
     val = backend.evaluate(iter(batches[:2]))
     backend.open(sys.argv[1], 2)
@@ -106,7 +106,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     from tnt.config import build_run_config
     from tnt.data import BatchSpec
-    from tnt_torch.train import TorchBackend
+    from tnt_torch.backend import Trainer as TorchTrainer
 
     ckpt, out, resume = sys.argv[1:4]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -128,7 +128,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     from tnt.params import param_specs
     state_names = list(param_specs(cfg.model))
     if ckpt != "-":  # a fresh run of 3 steps, evaluated after steps 1 and 3, saved at 3
-        backend = TorchBackend(cfg, compile=False)
+        backend = TorchTrainer(cfg, compile=False)
         losses = [float(backend.step(batches[0])["loss"])]
         vals = [backend.evaluate(iter(batches[:2]))]
         losses += [float(backend.step(b)["loss"]) for b in batches[1:3]]
@@ -142,7 +142,7 @@ FSDP_SCRIPT = textwrap.dedent("""
         vals.append(held)  # compared separately
         dump(backend, "fresh", losses, vals)
     if resume != "-":  # resume another launch's step 3 and take steps 4 and 5
-        backend = TorchBackend(cfg, compile=False)
+        backend = TorchTrainer(cfg, compile=False)
         backend.restore(resume)
         dump(backend, "restored", [], [])
         dump(backend, "resumed", [float(backend.step(b)["loss"]) for b in batches[3:]], [])
@@ -232,14 +232,13 @@ def test_resume_takes_fsdp_from_its_own_command_line():
     DDP) without --set fsdp=false, and a one-process run resumes under FSDP2."""
     import dataclasses
 
-    from experiments.pretrain import parse_args, resume_config
     from tnt.config import build_run_config
+    from tnt.run import resume_config
 
     saved = build_run_config("cpu-tiny", sets=["fsdp=true"])
-    flags = ["--backend", "torch", "--resume", "--out", "run"]
-    assert resume_config(saved, parse_args(flags)).train.fsdp is False
+    assert resume_config(saved).train.fsdp is False
     plain = dataclasses.replace(saved, train=dataclasses.replace(saved.train, fsdp=False))
-    assert resume_config(plain, parse_args([*flags, "--set", "fsdp=true"])).train.fsdp is True
+    assert resume_config(plain, sets=["fsdp=true"]).train.fsdp is True
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_writing(

@@ -1,4 +1,4 @@
-"""tnt_torch.train.TorchBackend and tnt_torch.checkpoint: learning, exact restore, checkpoint
+"""tnt_torch.backend.Trainer and tnt_torch.checkpoint: learning, exact restore, checkpoint
 files and refusals, validation at the boundary, decoding. (`experiments.pretrain` with
 `--backend torch` end to end is in test_pretrain.py.)"""
 
@@ -17,9 +17,9 @@ from tnt.checkpoint_meta import CheckpointError
 from tnt.config import RunConfig, TrainConfig
 from tnt.tokenizer import ByteTokenizer
 from tnt_torch import checkpoint, load_checkpoint, to_canonical
+from tnt_torch.backend import Trainer as TorchTrainer
 from tnt_torch.generate import inference
 from tnt_torch.model import loss_fn
-from tnt_torch.train import TorchBackend
 
 SPEC = {"kind": "byte", "vocab_size": 259}
 
@@ -42,7 +42,7 @@ def batch_for(cfg: RunConfig, rng) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("arch,norm", [("decoder_only", "ngpt"), ("encoder_decoder", "rmsnorm")])
 def test_tiny_model_overfits_a_fixed_batch(arch, norm, rng):
     cfg = run_config(arch, norm, lr=2e-2, min_lr=2e-2, max_steps=40)  # constant lr
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     batch = batch_for(cfg, rng)
     first = float(backend.step(batch)["loss"])
     for _ in range(39):
@@ -55,12 +55,12 @@ def test_tiny_model_overfits_a_fixed_batch(arch, norm, rng):
 def test_save_restore_continues_exactly(tmp_path, rng):
     cfg = run_config("encoder_decoder", "ngpt")
     batches = [batch_for(cfg, rng) for _ in range(5)]
-    a = TorchBackend(cfg)
+    a = TorchTrainer(cfg)
     a.open(tmp_path / "ckpt", keep=2)
     for b in batches[:3]:
         a.step(b)
     a.save(SPEC)
-    b_ = TorchBackend(cfg)
+    b_ = TorchTrainer(cfg)
     meta = b_.restore(tmp_path / "ckpt")
     assert meta["step"] == 3 and b_.step_count == 3 and meta["backend"] == "torch"
     for backend in (a, b_):
@@ -73,7 +73,7 @@ def test_save_restore_continues_exactly(tmp_path, rng):
 
 def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
     cfg = run_config()
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     backend.open(tmp_path, keep=2)
     for _ in range(3):
         backend.step(batch_for(cfg, rng))
@@ -92,7 +92,7 @@ def test_checkpoint_files_atomic_layout_and_keep(tmp_path, rng):
 
 def test_load_checkpoint_gives_the_trained_model(tmp_path, rng):
     cfg = run_config("encoder_decoder", "rmsnorm")
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     backend.open(tmp_path / "checkpoints", keep=1)
     backend.step(batch_for(cfg, rng))
     backend.save(ByteTokenizer().spec)
@@ -106,20 +106,20 @@ def test_load_checkpoint_gives_the_trained_model(tmp_path, rng):
 
 def test_checkpoint_refusals_name_the_problem(tmp_path, rng):
     cfg = run_config()
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     backend.open(tmp_path, keep=3)
     backend.step(batch_for(cfg, rng))
     backend.save(SPEC)
     other = RunConfig(dataclasses.replace(cfg.model, d_model=48, n_heads=4), cfg.train)
     with pytest.raises(CheckpointError, match="another model: d_model: 32 != 48"):
-        TorchBackend(other).restore(tmp_path)
+        TorchTrainer(other).restore(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_meta(tmp_path / "missing")
     params = tmp_path / "1" / "params.safetensors"
     good = params.read_bytes()
     params.write_bytes(good[:100])
     with pytest.raises(CheckpointError, match="1 is corrupt or partial"):
-        TorchBackend(cfg).restore(tmp_path)
+        TorchTrainer(cfg).restore(tmp_path)
     params.write_bytes(good)
     (tmp_path / "1" / "optimizer.safetensors").unlink()
     with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
@@ -144,7 +144,7 @@ def read_meta(path) -> dict:
 
 def test_bad_token_ids_are_refused_at_the_boundary(rng):
     cfg = run_config("encoder_decoder", "ngpt")
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     batch = batch_for(cfg, rng)
     batch["labels"][0, 3] = cfg.model.vocab_size
     with pytest.raises(ValueError, match="labels contain token id 40 at index"):
@@ -158,7 +158,7 @@ def test_bad_token_ids_are_refused_at_the_boundary(rng):
 
 def test_evaluate_is_the_token_weighted_mean(rng):
     cfg = run_config()
-    backend = TorchBackend(cfg)
+    backend = TorchTrainer(cfg)
     a, b = batch_for(cfg, rng), batch_for(cfg, rng)
     b["labels"][:, 2:] = cfg.model.pad_id  # b has 8 label tokens, a has 32
     losses = []
@@ -174,7 +174,7 @@ def test_evaluate_is_the_token_weighted_mean(rng):
 def test_the_end_of_run_sample_is_inference_and_stops_at_eos():
     cfg = run_config("encoder_decoder", "ngpt")
     tok = ByteTokenizer()
-    backend = TorchBackend(dataclasses.replace(cfg, model=dataclasses.replace(
+    backend = TorchTrainer(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, vocab_size=tok.vocab_size)))
     text = backend.sample(tok, "abc", 5)
     assert text == inference(backend.net, tok, "abc", max_length=5)
@@ -188,8 +188,8 @@ def test_the_end_of_run_sample_is_inference_and_stops_at_eos():
 def test_a_failing_compile_falls_back_to_eager(rng):
     cfg = run_config("encoder_decoder", "ngpt")
     batch = batch_for(cfg, rng)
-    eager = TorchBackend(cfg, compile=False)
-    backend = TorchBackend(cfg, compile=True)
+    eager = TorchTrainer(cfg, compile=False)
+    backend = TorchTrainer(cfg, compile=True)
     assert backend.compiled
 
     def broken(*args, **kwargs):

@@ -7,7 +7,8 @@ resume and the analysis tools all stand on this module.
 Two layouts exist under `RUN_DIR/checkpoints/<step>/`:
 - jax (orbax): `state/` (an OCDBT key-value store of zarr arrays) and `meta/metadata` (JSON);
 - torch: `params.safetensors`, `optimizer.safetensors` and `meta.json`.
-Both hold the same canonical names, `[in, out]` layout, float32.
+Both hold the same canonical names, `[in, out]` layout, float32. A Hugging Face folder written by
+`experiments.export` (`tnt.hf_export`) reads as the checkpoint it was exported from.
 
 The jax parameters are read here with tensorstore (the library orbax writes with), which needs
 no JAX devices but relies on orbax's on-disk layout (`params.<name>` zarr arrays in the store):
@@ -29,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tnt import hf_export
 from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.params import check_canonical
 from tnt.special_ids import check_special_ids
 from tnt.tokenizer import tokenizer_from_spec
 
-JAX, TORCH = "jax", "torch"
+JAX, TORCH, HF = "jax", "torch", "hf"
 META_FILE = {JAX: "meta/metadata", TORCH: "meta.json"}
 TEMP_MARKERS = (".orbax-checkpoint-tmp", ".tmp-", ".old-")  # orbax's and tnt_torch's temp names
 
@@ -66,6 +68,8 @@ def committed(path: str | Path) -> list[tuple[Path, str]]:
     """Every committed (step folder, backend) under a run dir or checkpoints folder, newest
     first; a step folder gives itself. Temp folders and partial steps are not listed."""
     path = _checkpoints_folder(path)
+    if hf_export.is_export(path):
+        return [(path, HF)]
     kind = layout(path)
     if kind:
         return [(path, kind)]
@@ -106,6 +110,8 @@ def stale_temp_folders(path: str | Path) -> list[Path]:
 
 def read_meta(step_dir: Path, kind: str) -> dict:
     """The checkpoint's own JSON metadata, checked (format, version, step = folder name)."""
+    if kind == HF:
+        return check_meta(hf_export.read_export_meta(step_dir), str(step_dir))
     file = step_dir / META_FILE[kind]
     try:
         meta = json.loads(file.read_text())
@@ -153,11 +159,13 @@ def _read_orbax_params(state_dir: Path, names: list[str]) -> dict[str, np.ndarra
 
 
 def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(canonical float32 params, metadata) of one committed step folder."""
+    """(canonical float32 params, metadata) of one committed step folder or exported folder."""
     meta = read_meta(step_dir, kind)
     cfg = run_config(meta, step_dir).model
     try:
-        if kind == JAX:
+        if kind == HF:
+            params = hf_export.read_export(step_dir)[0]
+        elif kind == JAX:
             from tnt.params import param_specs
 
             params = _read_orbax_params(step_dir / "state", list(param_specs(cfg)))
@@ -208,7 +216,7 @@ def read_canonical(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def read_for_model(path: str | Path, expect: ModelConfig | None = None):
-    """(canonical params, RunConfig, tokenizer) for a framework's `load_checkpoint`. With
+    """(canonical params, RunConfig, tokenizer, metadata) for a framework's loader. With
     `expect`, a checkpoint whose model config differs is refused, naming the fields."""
     params, meta = read_canonical(path)
     cfg = run_config(meta, path)
@@ -218,4 +226,4 @@ def read_for_model(path: str | Path, expect: ModelConfig | None = None):
     tokenizer = tokenizer_from_spec(meta["tokenizer"])
     if tokenizer is not None:  # no real token may be treated as padding, start or end
         check_special_ids(cfg.model, tokenizer, f"checkpoint {path}")
-    return params, cfg, tokenizer
+    return params, cfg, tokenizer, meta

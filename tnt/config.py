@@ -9,6 +9,7 @@ field's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -141,7 +142,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
-    analysis_every: int = 100  # TensorBoard dynamics (experiments/dynamics.py); 0 disables
+    analysis_every: int = 100  # TensorBoard dynamics (tnt/dynamics.py); 0 disables
     sample_tokens: int = 64
     max_loss: float = 0.0  # divergence guard: stop when the train loss exceeds it; 0 disables
     sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)
@@ -245,12 +246,22 @@ def _from_dict(cls, d: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown {where} config field(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown {where} config field(s): "
+                          + ", ".join(repr(n) + did_you_mean(n, names) for n in unknown))
     return cls(**d)
+
+
+def did_you_mean(name: str, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # Presets: the CPU default and GPU-sized shapes up to the nGPT paper's 0.5B and 1B models
 # (24 layers x d 1024 x 16 heads; 36 layers x d 1280 x 20 heads, context 4096 in the paper).
+# The vocabulary comes from the run's tokenizer, and with it the size: the paper's 0.5B and 1B
+# assume LLaMA-2's 32k vocabulary (468.5M and 1,026.2M parameters with its appended pad); the
+# default byte tokenizer gives 403.5M and 944.9M (`python -m experiments.plan` prints the count).
 # Each GPU preset's microbatch (batch_size / grad_accum) is the one `python -m experiments.plan`
 # finds to fit its device (README, "Planning a run"): gpu-small one 80 GB GPU, ngpt-0.5b and
 # ngpt-1b one 141 GB H200, in float32 without remat (bf16 and remat leave more room).
@@ -308,7 +319,8 @@ def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = 
         elif name in train_fields:
             train_kw[name] = _coerce(name, value, train_fields[name])
         else:
-            raise ConfigError(f"unknown config field {name!r}")
+            raise ConfigError(f"unknown config field {name!r}"
+                              + did_you_mean(name, [*model_fields, *train_fields]))
     return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw))
 
 

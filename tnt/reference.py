@@ -15,8 +15,8 @@ Pass `rope_mode="rotate"` to get TnT's correct RoPE instead (the weights then ne
 Every source id stays a real token (docs/design.md, "Special ids"): the imported model has
 `vocab_size = V + 1`, and its pad is the appended id V, whose embedding row is a unit vector and
 whose logit is 0 at import (a zero lm_head column for the baseline, `s_z[V] = 0` for nGPT, whose
-lm_head columns stay unit). Generation never emits it; the training loss's softmax includes it
-(so continued training is a softmax over V + 1, not the reference's V). bos and eos are given
+lm_head columns stay unit). Generation never emits it and the loss's softmax leaves it out, so
+continued training is the reference's softmax over V. bos and eos are given
 (see `tnt.special_ids.resolve_import_ids`), or None.
 """
 

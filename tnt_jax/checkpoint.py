@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from tnt import checkpoint_io
+from tnt.backend import Loaded
 from tnt.checkpoint_io import read_for_model
 from tnt.checkpoint_meta import CheckpointError, kill_point
 from tnt.config import ModelConfig
@@ -54,12 +55,20 @@ def restore(step_dir: str | Path, target: dict, expected: ModelConfig) -> tuple[
     return state, meta
 
 
+def load(path: str | Path, expect: ModelConfig | None = None) -> Loaded:
+    """The model of the newest readable checkpoint under `path` (either backend's layout) with
+    its config, tokenizer and metadata. With `expect`, a checkpoint whose model config differs
+    is refused, naming the fields."""
+    params, cfg, tokenizer, meta = read_for_model(path, expect)
+    model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
+    return Loaded(model, cfg, tokenizer, meta)
+
+
 def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     """(model, run config, tokenizer) from a checkpoint written by either backend's pretrain.
 
     `path` is a run dir, its `checkpoints` folder or one step folder. With `expect`, a checkpoint
     whose model config differs is refused, naming the fields.
     """
-    params, cfg, tokenizer = read_for_model(path, expect)
-    model = load_canonical(nnx.eval_shape(lambda: TnT(cfg.model, nnx.Rngs(0))), params)
-    return model, cfg, tokenizer
+    loaded = load(path, expect)
+    return loaded.model, loaded.cfg, loaded.tokenizer

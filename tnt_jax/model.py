@@ -516,12 +516,21 @@ class TnT(nnx.Module):
         return self.decode(dec_tokens_BxL)
 
 
+def without_pad(logits_BxLxV: jax.Array, pad_id: int) -> jax.Array:
+    """The logits with the pad column at -inf: pad is never a target nor generated, so it is no
+    outcome of the model's distribution (docs/design.md, "Special ids"); its column gets a zero
+    gradient."""
+    is_pad_V = jnp.arange(logits_BxLxV.shape[-1]) == pad_id
+    return jnp.where(is_pad_V, -jnp.inf, logits_BxLxV)
+
+
 def loss_fn(model: TnT, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Mean float32 cross-entropy over non-pad labels; returns (loss, number of label tokens)."""
+    """Mean float32 cross-entropy over non-pad labels, the softmax over the real tokens only;
+    returns (loss, number of label tokens)."""
     logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
     labels = batch["labels"]
     valid = labels != model.cfg.pad_id
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(without_pad(logits, model.cfg.pad_id), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count

@@ -1,6 +1,6 @@
 """TnT in PyTorch: the same model, parameter for parameter, as tnt_jax; the optimizer step with
-eigen LRs and the unit-norm projection, safetensors checkpoints, generation (`inference`) and the
-pretrain backend."""
+eigen LRs and the unit-norm projection, safetensors checkpoints, generation (`inference`) and
+the `tnt.backend` adapter (`tnt_torch.backend`)."""
 
 from tnt_torch.checkpoint import load_checkpoint
 from tnt_torch.generate import inference

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tnt import checkpoint_io
+from tnt.backend import Loaded
 from tnt.checkpoint_io import read_for_model
 from tnt.checkpoint_meta import CheckpointError, kill_point
 from tnt.config import ModelConfig
@@ -92,15 +93,21 @@ def restore(step_dir: str | Path, expected: ModelConfig
     return params, optimizer, meta
 
 
+def load(path: str | Path, expect: ModelConfig | None = None) -> Loaded:
+    """The model (in eval mode) of the newest readable checkpoint under `path` (either backend's
+    layout, read through `tnt.checkpoint_io`) with its config, tokenizer and metadata. With
+    `expect`, a checkpoint whose model config differs is refused, naming the fields."""
+    from tnt_torch.model import TnT, load_canonical
+
+    params, cfg, tokenizer, meta = read_for_model(path, expect)
+    return Loaded(load_canonical(TnT(cfg.model), params).eval(), cfg, tokenizer, meta)
+
+
 def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
-    """(model, run config, tokenizer) from a checkpoint written by either backend's pretrain
-    (read through `tnt.checkpoint_io`, which knows both layouts).
+    """(model, run config, tokenizer) from a checkpoint written by either backend's pretrain.
 
     `path` is a run dir, its `checkpoints` folder or one step folder. With `expect`, a checkpoint
     whose model config differs is refused, naming the fields.
     """
-    from tnt_torch.model import TnT, load_canonical
-
-    params, cfg, tokenizer = read_for_model(path, expect)
-    model = load_canonical(TnT(cfg.model), params)
-    return model.eval(), cfg, tokenizer
+    loaded = load(path, expect)
+    return loaded.model, loaded.cfg, loaded.tokenizer

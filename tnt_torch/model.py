@@ -496,17 +496,17 @@ class TnT(nn.Module):
             for m in modules:
                 m.__dict__.pop("_decoding_memo", None)
 
-    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None) -> DecodeCache:
+    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None, enc_BxSxD=None) -> DecodeCache:
         """Preallocated self-attention caches of `length` positions for `batch` rows; for
-        encoder_decoder, the encoder runs here once and each layer's cross-attention keys and
-        values are computed once."""
+        encoder_decoder, the encoder runs here once (unless its output `enc_BxSxD` is given) and
+        each layer's cross-attention keys and values are computed once."""
         cfg, device = self.cfg, self.lm_head.device
         shape = (batch, cfg.n_heads, length, cfg.head_dim)
         enc_out, cross_mask = None, None
         if cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
-            enc_out = self.encode(enc_tokens_BxS)
+            enc_out = self.encode(enc_tokens_BxS) if enc_BxSxD is None else enc_BxSxD
             valid = self._valid(enc_tokens_BxS)
             cross_mask = Mask(False, None if valid is None else valid[:, None, None, :])
         dtype = self.lm_head.dtype if self.dtype == torch.float32 else self.dtype  # project's
@@ -559,13 +559,22 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def without_pad(logits_BxLxV: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The logits with the pad column at -inf: pad is never a target nor generated, so it is no
+    outcome of the model's distribution (docs/design.md, "Special ids"); its column gets a zero
+    gradient (tnt_jax.model.without_pad is the same)."""
+    is_pad_V = torch.arange(logits_BxLxV.shape[-1], device=logits_BxLxV.device) == pad_id
+    return logits_BxLxV.masked_fill(is_pad_V, -torch.inf)
+
+
 def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean float32 cross-entropy over non-pad labels; returns (loss, number of label tokens)."""
+    """Mean float32 cross-entropy over non-pad labels, the softmax over the real tokens only;
+    returns (loss, number of label tokens)."""
     logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
     labels = batch["labels"].long()
     pad = model.cfg.pad_id
-    nll_sum = F.cross_entropy(_at_least_float32(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1),
-                              ignore_index=pad, reduction="sum")
+    logits = without_pad(_at_least_float32(logits.reshape(-1, logits.shape[-1])), pad)
+    nll_sum = F.cross_entropy(logits, labels.reshape(-1), ignore_index=pad, reduction="sum")
     count = (labels != pad).sum()
     return nll_sum / count.clamp_min(1), count
 

@@ -1,5 +1,5 @@
-"""The torch train step and the torch backend of `experiments.pretrain` (mirror of
-`tnt_jax/train.py`).
+"""The torch train and evaluation steps (mirror of `tnt_jax/train.py`; the training state
+around them is `tnt_torch.backend.Trainer`).
 
 The train state is the model (canonical parameters), the `TnTOptimizer` (Adam moments, eigen
 LRs, schedule position) and its step count. One `step()` is forward and backward (over
@@ -10,19 +10,11 @@ LRs, schedule, unit-norm projection).
 from __future__ import annotations
 
 import os
-import warnings
 
-import numpy as np
 import torch
 
-from tnt import checkpoint_io
-from tnt.checkpoint_meta import adam_moment_factors, make_meta
-from tnt.config import RunConfig
-from tnt.data import check_token_ids
-from tnt_torch import checkpoint, distributed
-from tnt_torch.generate import inference
-from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical
-from tnt_torch.optim import TnTOptimizer
+from tnt_torch import distributed
+from tnt_torch.model import TnT, loss_fn
 
 
 def configure_threads() -> None:
@@ -92,139 +84,3 @@ def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor
             weighted.backward()
         loss += weighted.detach()
     return replica.mean(loss), count
-
-
-class TorchBackend:
-    """What `experiments.pretrain` needs from a framework: init, step, evaluate, save, restore.
-
-    With `compile=True` or `TNT_TORCH_COMPILE=1` the blocks go through `torch.compile` (see
-    `want_compile`); if the first compiled step fails (no C++ compiler, an unsupported
-    platform), the backend warns and continues eagerly. Compiled and eager steps differ by float
-    rounding only.
-    """
-
-    name = "torch"
-
-    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None,
-                 compile: bool | None = None) -> None:
-        configure_threads()
-        self.cfg = cfg
-        if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
-            device = distributed.init_process_group()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
-        self.replica = distributed.Replica(self.net, cfg, self.device)
-        self.rows = self.replica.rows
-        self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
-        self.directory, self.keep = None, None
-        self.compiled = want_compile(compile)
-        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
-            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
-                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
-            self.compiled = False
-        self._unproven = self.compiled  # the first compiled step may still fall back
-        if self.compiled:
-            self.net.compile_blocks()
-
-    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in self.replica.share(batch).items():
-            check_token_ids(value, self.cfg.model.vocab_size, key)
-            out[key] = torch.as_tensor(np.asarray(value, np.int64), device=self.device)
-        return out
-
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        self.net.train()
-        tensors = self._put(batch)
-        accum = self.cfg.train.grad_accum
-        if self._unproven:
-            try:
-                loss, count = accumulate_grads(self.replica, tensors, accum)
-            except ValueError:
-                raise
-            except Exception as e:  # inductor/dynamo failures come in many types
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training "
-                              f"eagerly", RuntimeWarning, stacklevel=2)
-                self.net.compile_blocks(False)
-                self.compiled = False
-                self.opt.zero_grad(set_to_none=True)
-                loss, count = accumulate_grads(self.replica, tensors, accum)
-            self._unproven = False
-        else:
-            loss, count = accumulate_grads(self.replica, tensors, accum)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": self.opt.last_grad_norm, "tokens": count}
-
-    @torch.no_grad()
-    def evaluate(self, batches) -> float:
-        """Token-weighted mean loss over `batches`."""
-        self.net.eval()
-        total, count = 0.0, 0
-        for batch in batches:
-            s, c = token_sum(self.net, self._put(batch), self.cfg.train.grad_accum)
-            total, count = total + s, count + c
-        if self.replica.fsdp:
-            distributed.reshard(self.net)
-        total, count = self.replica.sum(total, count)  # each rank evaluated its rows
-        return total / max(count, 1)
-
-    @property
-    def step_count(self) -> int:
-        return self.opt.step_count
-
-    def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
-        """Some parameters as numpy (e.g. the alphas for logging)."""
-        named = dict(self.net.named_parameters())  # FSDP2: gathered on every rank
-        return {n: distributed.full(named[n].detach()).cpu().numpy().copy() for n in names}
-
-    def nonfinite(self) -> list[str]:
-        """Parameters holding a NaN or an infinity: one flag each computed on the device (under
-        FSDP2 each rank checks its shards and the flags are summed over the ranks)."""
-        named = list(self.net.named_parameters())
-        bad = torch.stack([(~torch.isfinite(distributed.local(p.detach()))).any() for _, p in named])
-        flags = self.replica.sum(*bad.double().tolist())
-        return [n for (n, _), b in zip(named, flags, strict=True) if b]
-
-    def model(self) -> TnT:
-        """The trained module (under FSDP2 its parameters are this rank's shards)."""
-        return self.net
-
-    def open(self, directory, keep: int) -> None:
-        self.directory, self.keep = directory, keep
-
-    def save(self, tokenizer_spec: dict) -> None:
-        if self.directory is None:
-            raise RuntimeError("call open(directory, keep) before save()")
-        if not (self.replica.main or self.replica.fsdp):  # DDP: every rank holds the same state
-            return
-        params, state = to_canonical(self.net), self.opt.canonical_state()  # FSDP2: all gather
-        if not self.replica.main:  # rank 0 writes
-            return
-        step = self.step_count
-        meta = make_meta(self.name, step, self.cfg, tokenizer_spec)
-        checkpoint.save(self.directory, step, params, state, meta, self.keep)
-
-    def wait(self) -> None:
-        """Saves are synchronous; nothing to wait for."""
-
-    def restore(self, path) -> dict:
-        step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
-        params, opt_state, meta = checkpoint.restore(step_dir, self.cfg.model)
-        load_canonical(self.net, params)
-        try:
-            self.opt.load_canonical_state(opt_state, meta["step"],
-                                          adam_moment_factors(meta, self.cfg.model))
-        except (KeyError, ValueError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from e
-        return meta
-
-    def sample(self, tokenizer, prompt: str, n: int, temperature: float = 0.0,
-               seed: int = 0) -> str:
-        """`inference` of up to `n` new tokens from `prompt` (the end-of-run sample): greedy, or
-        sampled at `temperature` with `seed`."""
-        net = self.net
-        if self.replica.fsdp:  # decoding calls more than forward: a whole copy on every rank
-            net = load_canonical(TnT(self.cfg.model), to_canonical(self.net)).to(self.device)
-        return inference(net, tokenizer, prompt, max_length=n, temperature=temperature,
-                         seed=seed)

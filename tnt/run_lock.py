@@ -1,7 +1,7 @@
 """One writer per run folder: an advisory lock on `RUN_DIR/.lock`, held for the run's life.
 
-Two runs writing one `--out` would interleave checkpoints, `config.json` and TensorBoard events
-(issue 12), so pretrain takes an exclusive `fcntl.flock` on `RUN_DIR/.lock` before it writes
+Two runs writing one `--out` would interleave checkpoints, `config.json` and TensorBoard events,
+so a `tnt.run.Run` takes an exclusive `fcntl.flock` on `RUN_DIR/.lock` before it writes
 anything there, and a second run is refused with the holder's pid, host and start time (which
 the holder writes into the file once its inputs are validated). The OS drops the lock when the
 holder exits or is killed, so a stale `.lock` file never blocks anyone; the file only records

@@ -1,4 +1,4 @@
-"""Training dynamics in TensorBoard: every `analysis_every` steps, `experiments.pretrain` logs
+"""Training dynamics in TensorBoard: every `analysis_every` steps, a `tnt.run.Run` logs
 
   dyn/alpha/<layer>.<block>       mean |alpha| (eigen learning rate) per layer and block (ngpt)
   dyn/alpha_std/<layer>.<block>   its spread over d
@@ -76,8 +76,8 @@ class Dynamics:
             scalars[f"dyn/wnorm/{name}"] = float(norms.mean())
         return scalars, hists
 
-    def log(self, writer, backend, step: int) -> None:
-        arrays = backend.arrays(self.names)
+    def log(self, writer, trainer, step: int) -> None:
+        arrays = trainer.arrays(self.names)
         # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS next to the
         # framework's own thread pool was measured 10-30x slower on a loaded 2-core machine.
         with threadpool_limits(limits=1, user_api="blas"):
