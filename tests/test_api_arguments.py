@@ -1,4 +1,4 @@
-"""The public Python API names a bad argument (issue 12): `inference`, `generate` and the JAX
+"""The public Python API names a bad argument: `inference`, `generate` and the JAX
 model raise TypeError/ValueError whose message names the argument, before anything is compiled;
 an out-of-range token id is refused instead of being clamped by JAX's gather."""
 

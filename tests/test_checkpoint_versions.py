@@ -1,5 +1,5 @@
 """Checkpoint format versions (tnt.checkpoint_meta): version 1 stored Adam's moments of the
-effective scalers' gradients `g`, version 2 those of the stored gradients `m g` (issue 15); both
+effective scalers' gradients `g`, version 2 those of the stored gradients `m g`; both
 backends convert a version-1 checkpoint on restore, and an unknown version is refused by name."""
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_boolean_fields_read_yes_and_no_words(word, value):
 
 @pytest.mark.parametrize("word", ["maybe", "", "ture", "2"])
 def test_boolean_fields_refuse_other_words(word):
-    """`fsdp=maybe` used to read as false and train without FSDP2."""
+    """`fsdp=maybe` must not read as false and train without FSDP2."""
     with pytest.raises(ConfigError, match=f"fsdp={word!r} is not a valid bool"):
         build_run_config("cpu", sets=[f"fsdp={word}"])
 

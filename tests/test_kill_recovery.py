@@ -1,4 +1,4 @@
-"""A pretrain run killed with SIGKILL at any instant loses nothing (issue 12): the run is killed
+"""A pretrain run killed with SIGKILL at any instant loses nothing: the run is killed
 inside its first save and again inside a later one, `--resume` then ends bit-identical to an
 uninterrupted run with every TensorBoard step logged once, and a fresh start in a folder that
 holds only a partial save works. The kills are real SIGKILLs at exact points, through the

@@ -1,4 +1,4 @@
-"""What goes wrong in a pretrain run is said in one `error:` line (issue 12): bad input exits 2
+"""What goes wrong in a pretrain run is said in one `error:` line: bad input exits 2
 and leaves an existing run folder byte for byte; a diverging run exits 3 and never saves a
 non-finite checkpoint; a second run on a folder in use is refused naming the holder; an
 unreadable newest checkpoint falls back to the one before it."""

@@ -1,4 +1,4 @@
-"""Training follows the nGPT reference's trajectory (issue 15), in float64.
+"""Training follows the nGPT reference's trajectory, in float64.
 
 The reference (NVIDIA/ngpt's model.py and train.py, as published) stores each scaler at `p / m`
 (`m = init/scale`, `tnt.params`' eigen_lr) and multiplies it by `m` in the forward; it feeds the

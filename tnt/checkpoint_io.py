@@ -15,7 +15,7 @@ no JAX devices but relies on orbax's on-disk layout (`params.<name>` zarr arrays
 pyproject.toml pins the orbax versions checked, and `parity_tests/test_checkpoints.py` reads a
 real orbax checkpoint this way, so a layout change fails that test loudly.
 
-Recovery (issue 12): both writers commit a step by renaming a temporary folder (orbax:
+Recovery: both writers commit a step by renaming a temporary folder (orbax:
 `<step>.orbax-checkpoint-tmp-*`, torch: `.tmp-<step>-<pid>`), so a kill leaves at most a temp
 folder, which is never taken for a checkpoint (`stale_temp_folders` lists them for removal). When
 the newest committed step of a run cannot be read, `read_canonical` falls back to the one before

@@ -359,7 +359,7 @@ def _coerce(name: str, value: object, f: dataclasses.Field) -> object:
 
 def _check_finite_floats(config: object) -> None:
     """Refuse NaN and infinities in every float field: `lr=nan` would pass every `<=` test
-    below and train NaN (issue 12)."""
+    below and train NaN."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -63,9 +63,8 @@ def scale_by_eigen_lr(multiplier: Callable[[str], float]) -> optax.GradientTrans
 def clip_stored_gradients(multiplier: Callable[[str], float],
                           max_norm: float) -> optax.GradientTransformation:
     """`scale_by_eigen_lr` then `optax.clip_by_global_norm`: the reference clips its stored
-    gradients `m g`. One transform with the clip's (empty) state, so the chain's state has the
-    layout of checkpoints written before the multipliers moved in front of the clip (orbax
-    restores only an identical tree)."""
+    gradients `m g`. One transform with the clip's (empty) state, so the chain's state is the
+    tree every checkpoint version holds (orbax restores only an identical tree)."""
     scale, clip = scale_by_eigen_lr(multiplier), optax.clip_by_global_norm(max_norm)
 
     def update_fn(updates, state, params=None):
