@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from tnt.config import microbatch_rows
 from tnt_torch import distributed
 from tnt_torch.model import TnT, loss_fn
 
@@ -44,9 +45,7 @@ def want_compile(compile: bool | None = None) -> bool:
 def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
     """Microbatch i is rows i, i+n, i+2n, ... of the global batch (the split of
     `tnt_jax.train.microbatches`)."""
-    rows = batch["labels"].shape[0]
-    if rows % n:
-        raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={n}")
+    microbatch_rows(batch["labels"].shape[0], n)
     return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
 
 
