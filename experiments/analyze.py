@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import html
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from experiments.flags import Parser
 from tnt import analysis
 from tnt.checkpoint_meta import CheckpointError
 from tnt.checkpoints import Checkpoint, locate, read_checkpoint
+from tnt.config import ConfigError
 from tnt.params import param_specs
 
 FIGSIZE, DPI = (12.0, 5.0), 100  # every PNG is 1200 x 500 pixels
@@ -277,6 +279,8 @@ def write_report(out: Path, title: str, facts: dict[str, object], numbers: dict[
 
 def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     """Write every view and `report.html` for a run dir or checkpoint; returns the report's path."""
+    if out is not None and not str(out).strip():
+        raise ConfigError("--out is empty; name the analysis folder (or leave --out out)")
     path = Path(path).absolute()
     ckpt = read_checkpoint(path) if locate(path) is not None else None
     specs = param_specs(ckpt.config.model) if ckpt is not None else None
@@ -290,8 +294,7 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
         raise CheckpointError(f"{path} holds neither a TnT checkpoint nor TensorBoard events")
     if out is None:  # beside the run, or beside a bare step folder (never inside a checkpoint)
         out = run_dir / "analysis" if run_dir else ckpt.step_dir.parent / f"analysis-{ckpt.step}"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(out))
     stats = analysis.embedding_stats(ckpt.params, specs) if ckpt is not None else None
     cond = analysis.condition_numbers(ckpt.params, specs) if ckpt is not None else None
     images, skipped = {}, []
@@ -299,7 +302,10 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
         if fig is None:
             skipped.append(name)
         else:
-            save(fig, out / name)
+            try:
+                save(fig, out / name)
+            except OSError as e:
+                raise ConfigError(f"cannot write {out / name}: {e.strerror or e}") from e
             images[name] = caption
     facts = {"source": str(path)}
     numbers = curve_numbers(curves)
@@ -310,9 +316,28 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
                                f"{m.n_encoder_layers if m.has_encoder else 0}+{m.n_decoder_layers} "
                                f"layers, F {m.hidden}, vocab {m.vocab_size}"})
         numbers.update(analysis.key_numbers(ckpt.params, specs, cond, stats))
-    (out / "numbers.json").write_text(json.dumps({"facts": facts, "numbers": numbers}, indent=1))
-    return write_report(out, f"TnT analysis: {run_dir.name if run_dir else path.name}", facts,
-                        numbers, images, skipped)
+    try:
+        (out / "numbers.json").write_text(json.dumps({"facts": facts, "numbers": numbers}, indent=1))
+        return write_report(out, f"TnT analysis: {run_dir.name if run_dir else path.name}", facts,
+                            numbers, images, skipped)
+    except OSError as e:  # e.g. the disk filled up while writing
+        raise ConfigError(f"cannot write the analysis folder {out}: {e.strerror or e}") from e
+
+
+def writable_folder(out: Path) -> Path:
+    """`out`, created, once it is known to take files; else a ConfigError naming it (before any
+    work: a read-only run folder needs `--out` elsewhere)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder for the analysis")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the analysis folder {out}: {e.strerror or e}; choose "
+                          f"another with --out DIR") from e
+    return out
 
 
 def main(argv=None) -> int:
@@ -323,7 +348,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         report = analyze(args.path, args.out)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {report} and its plots in {report.parent}")

@@ -1,5 +1,7 @@
 """Benchmark the train step: `python -m experiments.bench train --backend jax --json`.
-(`python -m experiments.bench generate` times decoding: see `experiments/bench_generate.py`.)
+(`python -m experiments.bench generate` times decoding: see `experiments/bench_generate.py`;
+`python -m experiments.bench harness` the lm-eval model's loglikelihood requests:
+`experiments/bench_harness.py`.)
 
 Builds the run config exactly as `experiments.pretrain` does (preset, flags, `--set`), builds the
 backend's `Trainer` by name (`tnt.backend.backend(name).trainer(cfg)`), feeds it synthetic
@@ -33,7 +35,7 @@ import time
 
 import numpy as np
 
-from experiments import bench_generate
+from experiments import bench_generate, bench_harness
 from experiments.flags import Parser
 from tnt.backend import BACKENDS, BackendUnavailable, backend
 from tnt.config import DTYPES, PRESETS, ConfigError, RunConfig, build_run_config
@@ -69,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "CPU, 8192 on a GPU)")
     train.add_argument("--json", action="store_true", help="print one JSON object")
     bench_generate.add_parser(sub)
+    bench_harness.add_parser(sub)
     return p.parse_args(argv)
 
 
@@ -199,6 +202,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":  # tokens/s of cached vs uncached decoding, always JSON
             print(json.dumps(bench_generate.bench_generate(args), indent=1))
+            return 0
+        if args.command == "harness":  # loglikelihood requests/s at each batch size, always JSON
+            print(json.dumps(bench_harness.bench_harness(args), indent=1))
             return 0
         result = bench_train(args)
     except (ConfigError, BackendUnavailable) as e:

@@ -17,6 +17,7 @@ COMMANDS = {
     "analyze": "plots and tables of a run's parameters and dynamics",
     "compare": "sweep learning rates, nGPT against the RMSNorm baseline",
     "plan": "compile a run ahead of time: memory and FLOPs per device",
+    "export": "write a checkpoint as a Hugging Face folder that transformers loads",
     "bench": "train-step and matmul benchmarks (JSON)",
     "doctor": "framework versions and devices",
 }

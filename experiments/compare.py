@@ -16,7 +16,9 @@ byte (tnt/units.py: bytes counted from the validation text); at the best rates, 
 wall-clock seconds the nGPT model's seed-mean curve needed to reach the baseline's final mean loss
 (linear interpolation between evaluations). `OUT/compare.png` plots the sensitivity curve (final
 loss against rate) beside the loss curves against steps and seconds; `OUT/summary.json` holds the
-numbers. `--eval-data PATH` also scores the best-rate runs on held-out text (experiments.evaluate).
+numbers. `--eval-data PATH` also scores the best-rate runs on held-out text (experiments.evaluate),
+and `--tasks T1,T2` runs lm-evaluation-harness tasks on them (mean over seeds; `--tasks-limit`,
+`--include-path` for local tasks offline).
 
 Runs live in `OUT/<norm>/lr<rate>-seed<seed>` (ordinary pretrain run dirs). Re-running with the
 same `--out` reuses finished runs, resumes unfinished ones and trains only what is missing; a run
@@ -44,12 +46,13 @@ from experiments import evaluate as held_out
 from experiments import pretrain
 from experiments.analyze import DPI, FIGSIZE, read_scalars
 from experiments.flags import Parser
-from tnt.backend import BACKENDS
+from tnt.backend import BACKENDS, BackendUnavailable
 from tnt.checkpoint_io import read_meta
 from tnt.checkpoint_meta import CheckpointError
 from tnt.checkpoints import locate
 from tnt.config import PRESETS, ConfigError, build_run_config
 from tnt.data import DataError, is_prepared, load_corpus, split_documents
+from tnt.harness import HarnessError
 from tnt.run import make_run_dir, write_atomic
 from tnt.tokenizer import tokenizer_from_spec
 from tnt.units import bits_per_byte
@@ -71,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=BACKENDS, default="jax")
     p.add_argument("--arch", choices=["encoder_decoder", "decoder_only"], default="encoder_decoder")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    p.add_argument("--data", default="stdlib")
+    p.add_argument("--data", default="stdlib", help="as pretrain's --data: text, a token folder, a "
+                   "dataset file or folder, or hf:OWNER/NAME[:CONFIG]")
+    p.add_argument("--text-field", help="the dataset column that holds the text (text); the same as "
+                                        "--set text_field=...")
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
@@ -83,10 +89,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rmsnorm-lrs", help="comma-separated baseline rates (implies --sweep)")
     p.add_argument("--eval-data", help="held-out text file/folder or token folder to score the "
                                        "best-rate runs on")
+    p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks to run on the "
+                                                    "best-rate runs (extra 'eval')")
+    p.add_argument("--tasks-limit", type=float, default=100,
+                   help="documents per task (100; a fraction if < 1; 0: all)")
+    p.add_argument("--include-path", metavar="DIR", help="folder of local task YAML files")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override applied to every run (repeatable)")
     p.add_argument("--out", help="compare directory (default runs/compare-<backend>-<arch>-<time>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.text_field:
+        args.set.append(f"text_field={args.text_field}")
+    return args
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,10 @@ def report(summary: dict) -> str:
                      f"steps: step ratio {s['step_speedup']:.2f}x (baseline steps / nGPT steps)"
                      + (f", wall-clock ratio {s['time_speedup']:.2f}x ({s['ngpt_seconds_to_match']:.0f} s "
                         f"vs {s['baseline_seconds']:.0f} s)" if s["time_speedup"] else ""))
+    for norm, r in (s.get("downstream") or {}).items():
+        for task, values in r["mean"].items():
+            lines.append(f"{task}: {norm} lr {s['best_lr'][norm]:g} " + ", ".join(
+                f"{m} {v:.4f}" for m, v in values.items()) + f" (mean over {len(r['runs'])} seeds)")
     for norm, r in (s.get("held_out") or {}).items():
         lines.append(f"held-out {s['eval_data']}: {norm} lr {s['best_lr'][norm]:g} loss "
                      f"{r['loss_mean']:.4f} nats/token, {r['bits_per_byte_mean']:.4f} bits/byte "
@@ -362,19 +380,34 @@ def report(summary: dict) -> str:
 def units(out: Path, run: Run, data: str) -> dict:
     """Tokens and bytes of the validation split, for bits per byte (tnt/units.py)."""
     meta = read_meta(*locate(run.dir(out)))
-    corpus = load_corpus(data, tokenizer_from_spec(meta["tokenizer"]),
-                         meta["config"]["train"]["val_percent"])
+    train = meta["config"]["train"]
+    corpus = load_corpus(data, tokenizer_from_spec(meta["tokenizer"]), train["val_percent"],
+                         text_field=train.get("text_field", "text"))
     n_tokens, n_bytes = len(corpus.val), corpus.split_bytes("val")
     return {"val_tokens": n_tokens, "val_bytes": n_bytes,
             "bits_per_byte_per_nat": bits_per_byte(1.0, n_tokens, n_bytes)}
 
 
+def task_names(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+
+
+def downstream(args: argparse.Namespace, dirs: list[Path], manager) -> dict:
+    """The tasks on each of `dirs` (one norm's best-rate runs) and each metric's mean over them."""
+    found = [held_out.downstream(d, task_names(args), args.backend, args.tasks_limit or None, None,
+                                 args.include_path, manager=manager)["tasks"] for d in dirs]
+    mean = {task: {m: float(np.mean([f[task][m] for f in found])) for m in values
+                   if not m.endswith("_stderr")} for task, values in found[0].items()} if found else {}
+    return {"runs": found, "mean": mean}
+
+
 def compare(args: argparse.Namespace) -> dict:
     runs = plan(args)
+    manager = held_out.task_manager(task_names(args), args.include_path) if task_names(args) else None
     out = Path(args.out or f"runs/compare-{args.backend}-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    val_percent = build_run_config(args.preset, {"arch": args.arch}, args.set).train.val_percent
-    if not is_prepared(args.data):
-        split_documents(args.data, val_percent)  # refuse data with no text before any training
+    train = build_run_config(args.preset, {"arch": args.arch}, args.set).train
+    if not is_prepared(args.data):  # refuse data with no text before any training
+        split_documents(args.data, train.val_percent, train.text_field)
     make_run_dir(out)
     check_settings(out, settings(args))
     t0 = time.perf_counter()
@@ -413,6 +446,10 @@ def compare(args: argparse.Namespace) -> dict:
             summary["held_out"][norm] = {
                 "runs": rs, "loss_mean": float(np.mean([r["loss"] for r in rs])),
                 "bits_per_byte_mean": float(np.mean([r["bits_per_byte"] for r in rs]))}
+    if manager is not None:
+        summary["downstream"] = {norm: downstream(args, [r.dir(out) for r in runs if r.norm == norm and
+                                                         r.lr == best[norm]["lr"] and curves[r] is not None],
+                                                  manager) for norm in NORMS}
     cfg = json.loads((first.dir(out) / "config.json").read_text())
     m, t = cfg["model"], cfg["train"]
     seeds = sorted({r.seed for r in runs})
@@ -429,7 +466,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = compare(args)
-    except (CompareError, ConfigError, DataError, CheckpointError) as e:
+    except (CompareError, ConfigError, DataError, CheckpointError, BackendUnavailable, HarnessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(summary))

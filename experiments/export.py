@@ -20,10 +20,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from experiments.flags import Parser
 from tnt.checkpoint_io import read_canonical
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import ConfigError
-from tnt.hf_export import write_export
+from tnt.hf_export import TOKENIZER, write_export
 
 
 def modeling_source() -> Path:
@@ -39,8 +40,8 @@ def export(run: str | Path, out: str | Path) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m experiments.export", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir, checkpoints dir or step dir (either backend)")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write (new or empty)")
     return p.parse_args(argv)
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not (out / TOKENIZER).exists():
+        print(f"note: {args.run} carries no tokenizer (imported weights): no tokenizer files were "
+              f"written; add the source's tokenizer.json to {out} yourself", file=sys.stderr)
     print(f"exported {args.run} to {out}; load it with transformers' from_pretrained({str(out)!r}, "
           f"trust_remote_code=True)")
     return 0

@@ -10,20 +10,24 @@ run, or `byte`) is checked against it and refused if it differs.
         --top-p 0.95 --seed 1 --prompt "class " --prompt "def "
     python -m experiments.generate --ckpt runs/my-run --interactive
 
-Greedy unless `--temperature` > 0. Several `--prompt`s decode as one batch. A prompt longer than
+Greedy unless `--temperature` > 0. Several `--prompt`s decode as one batch; each output is
+printed under a `=== prompt N: '...' ===` line. Each interactive prompt samples with a new seed
+(`--seed`, then `--seed` + 1, ...). A prompt longer than
 the model allows keeps its last tokens, and a note on stderr says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
 from experiments.flags import Parser
 from tnt.backend import BACKENDS, Backend, BackendUnavailable, backend
 from tnt.checkpoint_meta import CheckpointError
-from tnt.config import ConfigError
+from tnt.config import MAX_SEED, ConfigError
 from tnt.generation import Sampling, TokenizerMismatch, check_tokenizer, check_tokenizer_spec
 from tnt.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_spec
 
@@ -74,6 +78,12 @@ def answer(framework: Backend, model, tokenizer, prompts: list[str], args, sampl
     return [tokenizer.decode(ids) for ids in out.tokens]
 
 
+def interactive_seed(seed: int, turn: int) -> int:
+    """The seed of the `turn`-th interactive prompt: a new draw per prompt, the same session
+    again for the same `--seed`."""
+    return (seed + turn) % (MAX_SEED + 1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -88,19 +98,23 @@ def main(argv=None) -> int:
                                     f"weights); name one with --tokenizer FILE")
         check_tokenizer(tokenizer, cfg.model)
         if args.prompt:
-            for text in answer(b, model, tokenizer, args.prompt, args, sampling):
+            texts = answer(b, model, tokenizer, args.prompt, args, sampling)
+            for i, (prompt, text) in enumerate(zip(args.prompt, texts, strict=True)):
+                if len(texts) > 1:  # outputs may hold newlines: each goes under its prompt's header
+                    print(f"{'' if i == 0 else chr(10)}=== prompt {i + 1}: {prompt!r} ===")
                 print(text)
         if args.interactive:
             print(f"{cfg.model.arch} {cfg.model.norm} model, step {loaded.step}, "
                   f"{args.backend}; /quit or EOF ends.", file=sys.stderr)
-            while True:
+            for turn in itertools.count():
                 try:
                     line = input("> ")
                 except EOFError:
                     break
                 if line.strip() == "/quit":
                     break
-                print(answer(b, model, tokenizer, [line], args, sampling)[0], flush=True)
+                drawn = dataclasses.replace(sampling, seed=interactive_seed(args.seed, turn))
+                print(answer(b, model, tokenizer, [line], args, drawn)[0], flush=True)
     except (CheckpointError, ConfigError, TokenizerMismatch, ValueError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 
 from experiments.flags import Parser
 from tnt.config import PRESETS, REMATS, ConfigError, RunConfig, build_run_config, parse_set
@@ -101,10 +102,35 @@ def tree_bytes(tree) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_step(cfg: RunConfig) -> dict:
+class Progress:
+    """One stderr line per compile as it starts and ends (a large model's takes minutes); silent
+    without a stream. stdout stays the plan alone (`--json`)."""
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+
+    def start(self, what: str) -> float:
+        self.done += 1
+        self._say(f"compiling {self.done}/{self.total}: {what} ...")
+        return time.perf_counter()
+
+    def end(self, began: float) -> None:
+        self._say(f"compiled {self.done}/{self.total} in {time.perf_counter() - began:.1f} s")
+
+    def _say(self, line: str) -> None:
+        if self.stream is not None:
+            print(line, file=self.stream, flush=True)
+
+
+def compile_step(cfg: RunConfig, progress: Progress | None = None) -> dict:
     """Memory and FLOPs of the compiled train step of `cfg`, for abstract inputs."""
+    t = cfg.train
+    began = progress.start(f"train step, microbatch {t.batch_size // t.grad_accum} x "
+                           f"{t.grad_accum}, remat {cfg.model.remat}") if progress else 0.0
     step, state, batch, param_bytes, opt_bytes = abstract_step(cfg)
     compiled = step.lower(state, batch).compile()
+    if progress:
+        progress.end(began)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -125,10 +151,11 @@ def with_microbatch(cfg: RunConfig, rows: int, remat: str) -> RunConfig:
                      dataclasses.replace(cfg.train, batch_size=rows, grad_accum=1))
 
 
-def fit_microbatch(cfg: RunConfig, remat: str, device_memory: float) -> dict:
+def fit_microbatch(cfg: RunConfig, remat: str, device_memory: float,
+                   progress: Progress | None = None) -> dict:
     """The largest microbatch (a divisor of batch_size) whose step fits, from a linear fit of
     the needed bytes over microbatches of 1 and 2 sequences; also the FLOPs per global step."""
-    one, two = (compile_step(with_microbatch(cfg, rows, remat)) for rows in (1, 2))
+    one, two = (compile_step(with_microbatch(cfg, rows, remat), progress) for rows in (1, 2))
     per_row = two["needed_bytes"] - one["needed_bytes"]
     fixed = one["needed_bytes"] - per_row
     accumulator = one["parameter_bytes"]
@@ -154,11 +181,12 @@ def largest_microbatch(fixed: int, per_row: int, accumulator: int, batch: int,
 
 
 def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS,
-         vocabulary: str = "as configured") -> dict:
+         vocabulary: str = "as configured", progress_stream=None) -> dict:
     """The compiled step of `cfg` as given; raises `DoesNotFit` when it needs more than
     `device_memory`; else adds the largest microbatch per remat setting. `vocabulary` says where
-    the model's vocabulary size comes from."""
-    step = compile_step(cfg)
+    the model's vocabulary size comes from; each compile is announced on `progress_stream`."""
+    progress = Progress(1 + 2 * len(remats), progress_stream)
+    step = compile_step(cfg, progress)
     m, t = cfg.model, cfg.train
     result = {"config": {"arch": m.arch, "d_model": m.d_model, "n_heads": m.n_heads,
                          "n_encoder_layers": m.n_encoder_layers if m.has_encoder else 0,
@@ -171,7 +199,7 @@ def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS,
               "fits": step["needed_bytes"] <= device_memory}
     if not result["fits"]:
         raise DoesNotFit(result)
-    result["microbatch"] = [fit_microbatch(cfg, r, device_memory) for r in remats]
+    result["microbatch"] = [fit_microbatch(cfg, r, device_memory, progress) for r in remats]
     return result
 
 
@@ -247,7 +275,7 @@ def main(argv=None) -> int:
         cfg, vocabulary = sized_for_vocabulary(
             cfg, any(parse_set(s)[0] == "vocab_size" for s in args.set))
         remats = REMATS if args.remat == "both" else (args.remat,)
-        result = plan(cfg, args.device_memory, remats, vocabulary)
+        result = plan(cfg, args.device_memory, remats, vocabulary, progress_stream=sys.stderr)
     except (ConfigError, DataError, DoesNotFit) as e:
         print(f"error: preset {args.preset}: {e}" if isinstance(e, DoesNotFit) else f"error: {e}",
               file=sys.stderr)

@@ -16,6 +16,7 @@ from experiments.pretrain import main as pretrain_main
 from tnt import analysis
 from tnt.checkpoints import read_checkpoint
 from tnt.dynamics import Dynamics, chosen_layers
+from tnt.events import EventWriter
 from tnt.params import param_specs, unit_norm
 
 PNG_SIZE = (int(analyze.FIGSIZE[0] * analyze.DPI), int(analyze.FIGSIZE[1] * analyze.DPI))
@@ -134,6 +135,31 @@ def test_dynamics_layers_and_values():
     assert "hist/decoder.layers.0.attn.s_qk" in hists
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30, 3e38])
+def test_dynamics_of_diverged_weights_log_without_error(bad, tmp_path):
+    """Non-finite or huge weights (an `--lr 1e30` run) give nan/inf scalars and no histogram for
+    what TensorBoard's buckets cannot hold, never an error: stopping is the divergence guard's."""
+    cfg = tiny_config(norm="rmsnorm")
+    dyn = Dynamics(cfg)
+    params = {n: a.astype(np.float64) for n, a in random_params(cfg).items()}
+    matrix, gain = dyn.matrices[0], dyn.scalers[0]
+    params[matrix] = params[matrix] * (bad if np.isfinite(bad) else 1.0)
+    params[matrix].flat[0] = bad
+    params[gain] = np.full_like(params[gain], bad)
+    scalars, hists = dyn.values(params)
+    cond = scalars[f"dyn/cond/{matrix}"]
+    assert np.isnan(cond) if not np.isfinite(bad) else np.isfinite(cond)
+    assert f"hist/{gain}" not in hists and len(hists) == len(dyn.scalers) - 1
+
+    class Arrays:  # what the loop's backend gives `log`
+        def arrays(self, names):
+            return {n: params[n] for n in names}
+
+    writer = EventWriter(tmp_path)
+    dyn.log(writer, Arrays(), 1)
+    writer.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny runs of both backends: checkpoints, TensorBoard dynamics, the analyze CLI
 
@@ -226,3 +252,19 @@ def test_analyze_writes_readable_pngs_and_a_report_linking_them(run_dir, tmp_pat
 def test_analyze_refuses_a_path_without_checkpoint_or_events(tmp_path, capsys):
     assert analyze.main([str(tmp_path)]) == 2
     assert "neither a TnT checkpoint" in capsys.readouterr().err
+
+
+def test_analyze_names_an_output_folder_it_cannot_write(run_dir, tmp_path, capsys):
+    """A file, a path under a file, and a path no one may create (/proc takes no new entries,
+    even for root, which a read-only run folder does not stop): one line each, nothing written."""
+    out, _, _ = run_dir
+    file = tmp_path / "file"
+    file.write_text("kept")
+    for target, message in [(file, f"--out {file} is a file"),
+                            (file / "sub", f"cannot write the analysis folder {file / 'sub'}"),
+                            ("/proc/tnt-analysis", "cannot write the analysis folder /proc/tnt-analysis"),
+                            ("", "--out is empty")]:
+        assert analyze.main([str(out), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert file.read_text() == "kept"

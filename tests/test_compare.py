@@ -94,7 +94,20 @@ def sweep_args(corpus, out, seeds):
             "--set", "sample_tokens=1", "--set", "analysis_every=0"]
 
 
-def test_tiny_sweep_end_to_end_reuses_finished_runs(corpus, tmp_path, capsys):
+def local_mc_task(root: Path) -> Path:
+    """A two-question multiple-choice task for lm-evaluation-harness (YAML + jsonl, offline)."""
+    root.mkdir()
+    rows = [{"q": "def f(x):", "choices": ["\n    return x", " zzz"], "a": 0},
+            {"q": "x = 1 +", "choices": [" 2", "\n\n\n"], "a": 0}]
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mc.yaml").write_text(
+        f"task: cmp_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/mc.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "doc_to_choice: '{{choices}}'\nmetric_list:\n  - metric: acc\n")
+    return root
+
+
+def test_tiny_sweep_end_to_end_reuses_finished_runs(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     assert compare.main(sweep_args(corpus, out, 1)) == 0
     capsys.readouterr()
@@ -133,12 +146,16 @@ def test_tiny_sweep_end_to_end_reuses_finished_runs(corpus, tmp_path, capsys):
         assert im.format == "PNG" and im.size == (int(analyze.FIGSIZE[0] * 1.5 * analyze.DPI),
                                                   int(analyze.FIGSIZE[1] * analyze.DPI))
     # everything is there: a third call trains nothing and reports the same numbers, plus the
-    # best-rate runs scored on held-out text
+    # best-rate runs scored on held-out text and on a local harness task
     held = Path(corpus).parent / "held_out.txt"
     held.write_text("def held(out):\n    return out\n" * 40)
-    assert compare.main(sweep_args(corpus, out, 2) + ["--eval-data", str(held)]) == 0
+    tasks = local_mc_task(tmp_path / "tasks")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert compare.main(sweep_args(corpus, out, 2) + ["--eval-data", str(held), "--tasks", "cmp_mc",
+                                                      "--include-path", str(tasks)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(": reused") == 8 and "held-out" in printed
+    assert printed.count(": reused") == 8 and "held-out" in printed and "cmp_mc: ngpt" in printed
     again = json.loads((out / "summary.json").read_text())
     assert again["rates"] == summary["rates"] and again["curves"] == summary["curves"]
     for norm in ("ngpt", "rmsnorm"):
@@ -147,6 +164,9 @@ def test_tiny_sweep_end_to_end_reuses_finished_runs(corpus, tmp_path, capsys):
         assert {Path(r["checkpoint"]).parent.parent.name for r in scored} == {
             f"lr{again['best_lr'][norm]:g}-seed{s}" for s in (0, 1)}
         assert again["held_out"][norm]["loss_mean"] == pytest.approx(np.mean([r["loss"] for r in scored]))
+        accs = [r["cmp_mc"]["acc"] for r in again["downstream"][norm]["runs"]]
+        assert len(accs) == 2
+        assert again["downstream"][norm]["mean"]["cmp_mc"]["acc"] == pytest.approx(np.mean(accs))
     # other settings over the same folder are refused, naming the difference
     args = sweep_args(corpus, out, 2)
     args[args.index("--max-steps") + 1] = "5"

@@ -92,7 +92,7 @@ def train_batch(cfg: RunConfig, rng) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("backend_cls", [JaxTrainer, partial(TorchTrainer, compile=False)],
+@pytest.mark.parametrize("backend_cls", [JaxTrainer, TorchTrainer],
                          ids=["jax", "torch"])
 def test_bf16_training_keeps_float32_parameters_on_the_sphere(backend_cls, rng):
     cfg = run_config("encoder_decoder", "ngpt", dtype="bfloat16")
@@ -116,7 +116,7 @@ def test_bf16_jax_optimizer_state_stays_float32(rng):
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
 
 
-@pytest.mark.parametrize("backend_cls", [JaxTrainer, partial(TorchTrainer, compile=False)],
+@pytest.mark.parametrize("backend_cls", [JaxTrainer, TorchTrainer],
                          ids=["jax", "torch"])
 def test_bf16_training_ends_close_to_fp32(backend_cls):
     """The issue's criterion (within 2% of the fp32 run's loss) on a tiny run: 30 steps on a fixed
@@ -243,3 +243,26 @@ def test_torch_sdpa_attention_matches_the_softmax_formula(rng):
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["decoder_only", "encoder_decoder"])
+def test_torch_sdpa_takes_is_causal_without_padding_and_a_mask_only_with_it(monkeypatch, arch, rng):
+    """SDPA's own causal path (no `[B, 1, L, S]` mask) whenever the batch has no padding."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    cfg = tiny_config(arch, "ngpt")
+    net = tmodel.TnT(cfg)
+    enc = torch.as_tensor(random_tokens(rng, (2, 6))) if cfg.has_encoder else None
+    dec = torch.as_tensor(random_tokens(rng, (2, 5)))
+    with torch.no_grad():
+        net(enc, dec)
+    assert calls and all(c.get("attn_mask") is None for c in calls)
+    assert sum(bool(c.get("is_causal")) for c in calls) == cfg.n_decoder_layers
+    calls.clear()
+    dec[1, 3:] = cfg.pad_id
+    with torch.no_grad():
+        net(enc, dec)
+    masked = [c for c in calls if c.get("attn_mask") is not None]  # the decoder's self-attention
+    assert len(masked) == cfg.n_decoder_layers and not any(c.get("is_causal") for c in calls)

@@ -62,14 +62,19 @@ def test_bad_evaluate_inputs_are_refused(runs, texts, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "no_ckpt").mkdir()
+    (tmp_path / "tiny.txt").write_text("x = 1\n")
     cases = [([str(tmp_path / "no_ckpt"), "--data", str(held)], "holds no committed one"),
+             ([str(runs / "jax"), "--data", str(tmp_path / "tiny.txt")],
+              "fewer than one window of the checkpoint's 16 tokens (its seq_len 8 + enc_len 8)"),
+             ([str(runs / "jax"), "--data", str(held), "--split", "train"],
+              "--split train applies to a prepared token folder"),
              ([str(runs / "jax"), "--data", str(tmp_path / "empty")], "has no text"),
              ([str(runs / "jax"), "--data", str(tmp_path / "missing")], "does not exist"),
              ([str(runs / "jax"), "--data", str(held), "--batches", "0"], "--batches must be >= 1")]
     for argv, message in cases:
         assert evaluate_main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error:") and message in err, err
+        assert err.startswith("error:") and message in err and "--seq-len" not in err, err
 
 
 def gpt2_like_tokenizer(path, texts):

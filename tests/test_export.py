@@ -188,3 +188,21 @@ def test_export_refuses_a_used_folder_a_missing_run_and_a_missing_extra(exported
     assert cli.main([str(out), "--out", str(tmp_path / "y")]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and "pip install 'tnt[hf]'" in line
+
+
+def test_a_checkpoint_without_tokenizer_exports_without_tokenizer_files(tmp_path, capsys):
+    """Imported weights carry no tokenizer: the folder has none, a note says so, and it reads back."""
+    cfg = tiny_config("decoder_only", "ngpt", vocab_size=41, pad_id=40, bos_id=None, eos_id=None)
+    params = tnt_torch.to_canonical(tnt_torch.TnT(cfg, seed=1))
+    from tnt_torch import checkpoint
+
+    checkpoint.save(tmp_path / "run" / "checkpoints", 0, params, {},
+                    make_meta("torch", 0, RunConfig(cfg, TrainConfig(seq_len=8)), {"kind": "none"}))
+    assert cli.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().err.startswith("note: ") and not (tmp_path / "hf" / "tokenizer.json").exists()
+    model, run, tok = tnt_torch.load_checkpoint(tmp_path / "hf")
+    assert tok is None and run.model == cfg
+    ids = torch.tensor([[0, 1, 2, 39]])
+    with torch.no_grad():
+        got = auto_model(tmp_path / "hf", cfg).generate(ids, max_new_tokens=4, do_sample=False)
+    assert got[0, 4:].tolist() == generate(model, [ids[0].numpy()], 4).tokens[0].tolist()

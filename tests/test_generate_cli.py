@@ -61,7 +61,9 @@ def test_a_checkpoint_of_either_backend_generates_the_same_text_in_either(tmp_pa
                                      "--prompt", "ab", "--prompt", "", "--max-new-tokens", 5)
             assert code == 0, err
             texts.add(out)
-    assert len(texts) == 1 and len(texts.pop().splitlines()) <= 2
+    assert len(texts) == 1
+    out = texts.pop()  # each output under its prompt's header
+    assert out.startswith("=== prompt 1: 'ab' ===\n") and "\n\n=== prompt 2: '' ===\n" in out
 
 
 def test_long_prompts_are_cut_with_a_note_and_interactive_mode_reads_stdin(tmp_path, params,
@@ -77,6 +79,21 @@ def test_long_prompts_are_cut_with_a_note_and_interactive_mode_reads_stdin(tmp_p
     assert out.count("> ") == 3  # two answers, then /quit
 
 
+def test_each_interactive_prompt_draws_a_new_seed(tmp_path, params, capsys, monkeypatch):
+    run_dir = torch_checkpoint(tmp_path, params)
+    seeds = []
+
+    def answer(framework, model, tokenizer, prompts, args, sampling):
+        seeds.append(sampling.seed)
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(cli, "answer", answer)
+    monkeypatch.setattr("sys.stdin", io.StringIO("ab\nab\nab\n"))
+    code, _, _ = run_cli(capsys, "--ckpt", run_dir, "--backend", "torch", "--interactive",
+                         "--temperature", 0.8, "--seed", 5)
+    assert code == 0 and seeds == [5, 6, 7]
+
+
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused(tmp_path, params, capsys):
     run_dir = torch_checkpoint(tmp_path, params)
     bpe = BPETokenizer.train(["hello world " * 20], vocab_size=262)
@@ -86,6 +103,15 @@ def test_a_tokenizer_that_is_not_the_checkpoints_is_refused(tmp_path, params, ca
     assert code == 2 and "is not the one" in err and "bpe" in err
     code, _, err = run_cli(capsys, "--ckpt", tmp_path / "nothing", "--prompt", "hi")
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_seed_no_generator_takes_is_refused_as_pretrain_refuses_it(seed, tmp_path, params, capsys):
+    run_dir = torch_checkpoint(tmp_path, params)
+    code, out, err = run_cli(capsys, "--ckpt", run_dir, "--backend", "torch", "--prompt", "hi",
+                             "--temperature", "0.8", "--seed", seed)
+    assert code == 2 and out == ""
+    assert err == f"error: seed must be an integer in [0, 2**63 - 1], got {seed}\n"
 
 
 def test_bench_generate_prints_cached_and_uncached_tokens_per_second(capsys):

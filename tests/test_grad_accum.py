@@ -9,6 +9,7 @@ relative to the largest gradient entry / absolute on parameters of O(1).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from tnt_torch.train import accumulate_grads, microbatches
 
 TOL = 1e-5
 STEPS = 3
+# compiled as the train step runs it: run eagerly, every operation of the model compiles alone
+jit_accumulated_grads = jax.jit(accumulated_grads, static_argnums=(0, 3))
 
 
 def padded_batch(cfg, seed: int, B: int = 8, Le: int = 6, Ld: int = 8) -> dict[str, np.ndarray]:
@@ -51,9 +54,9 @@ def test_jax_microbatch_gradients_equal_the_big_batch(arch, norm):
     cfg = tiny_config(arch, norm)
     graphdef, params = split_params(TnT(cfg, nnx.Rngs(0)))
     batch = {k: jnp.asarray(v) for k, v in padded_batch(cfg, 0).items()}
-    loss1, count1, g1 = accumulated_grads(graphdef, params, batch, 1)
+    loss1, count1, g1 = jit_accumulated_grads(graphdef, params, batch, 1)
     for n in (2, 4):
-        loss, count, g = accumulated_grads(graphdef, params, batch, n)
+        loss, count, g = jit_accumulated_grads(graphdef, params, batch, n)
         assert int(count) == int(count1) == 8 * 9 // 2
         assert abs(float(loss) - float(loss1)) <= TOL * abs(float(loss1))
         scale = max(float(jnp.abs(v).max()) for v in g1.values())
@@ -68,8 +71,8 @@ def test_jax_mean_of_microbatch_means_would_differ():
     cfg = tiny_config("decoder_only", "ngpt")
     graphdef, params = split_params(TnT(cfg, nnx.Rngs(0)))
     batch = {k: jnp.asarray(v) for k, v in padded_batch(cfg, 0).items()}
-    g1 = accumulated_grads(graphdef, params, batch, 1)[2]
-    halves = [accumulated_grads(graphdef, params, {k: v[i::2] for k, v in batch.items()}, 1)[2]
+    g1 = jit_accumulated_grads(graphdef, params, batch, 1)[2]
+    halves = [jit_accumulated_grads(graphdef, params, {k: v[i::2] for k, v in batch.items()}, 1)[2]
               for i in range(2)]
     scale = max(float(jnp.abs(v).max()) for v in g1.values())
     worst = max(float(jnp.abs((halves[0][n] + halves[1][n]) / 2 - g1[n]).max()) for n in g1)
@@ -89,7 +92,7 @@ def jax_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
 
 
 def torch_train(cfg: RunConfig, batches) -> tuple[dict, list[float]]:
-    backend = TorchTrainer(cfg, device="cpu", compile=False)
+    backend = TorchTrainer(cfg, device="cpu")
     losses = [clipped_loss(backend.step(b), cfg) for b in batches]
     return {n: p.detach().numpy().copy() for n, p in backend.net.named_parameters()}, losses
 
@@ -111,7 +114,7 @@ def test_accumulated_steps_equal_big_batch_steps(framework, arch, norm):
 
 def test_torch_microbatch_gradients_equal_the_big_batch():
     cfg = run_config("encoder_decoder", "ngpt", 1)
-    backend = TorchTrainer(cfg, device="cpu", compile=False)
+    backend = TorchTrainer(cfg, device="cpu")
     batch = backend._put(padded_batch(cfg.model, 0))
     grads = {}
     for n in (1, 2, 4):
@@ -180,8 +183,8 @@ def test_evaluation_runs_microbatches_and_gives_the_big_batch_loss(framework, mo
         real = torch_train_module.loss_fn
         monkeypatch.setattr(torch_train_module, "loss_fn",
                             lambda model, b, **kw: rows.append(len(b["labels"])) or real(model, b, **kw))
-        backends = [TorchTrainer(run_config("encoder_decoder", "ngpt", n), device="cpu",
-                                 compile=False) for n in (1, 4)]
+        backends = [TorchTrainer(run_config("encoder_decoder", "ngpt", n), device="cpu")
+                    for n in (1, 4)]
     one, four = (b.evaluate(iter(batches)) for b in backends)
     if framework == "torch":
         assert rows == [8, 8] + [2] * 8

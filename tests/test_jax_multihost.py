@@ -16,7 +16,8 @@ def _free_port() -> int:
 
 
 def _val_loss(stdout: str) -> float:
-    return float(re.search(r"final val loss ([0-9.]+) after 2 steps", stdout).group(1))
+    line = r"final val loss ([0-9.]+) nats/token \([0-9.]+ bits/byte\) after 2 steps"
+    return float(re.search(line, stdout).group(1))
 
 
 def test_two_hosts_match_one_process(tmp_path):

@@ -31,7 +31,12 @@ def test_parameter_and_optimizer_bytes_are_the_parameter_sizes():
 
 def test_plan_json_finds_the_largest_microbatch(capsys):
     assert plan.main([*TINY, "--device-memory", "1e9", "--remat", "none", "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
+    progress = captured.err.splitlines()  # each of the 3 compiles announced as it starts and ends
+    assert [line.split(":")[0].split(" in ")[0] for line in progress] == [
+        "compiling 1/3", "compiled 1/3", "compiling 2/3", "compiled 2/3", "compiling 3/3", "compiled 3/3"]
+    assert "microbatch 1 x 1, remat none" in progress[2]
     assert r["fits"] and r["needed_bytes"] <= 1e9 and r["compiler"].startswith("XLA:CPU")
     [fit] = r["microbatch"]
     assert (fit["remat"], fit["largest_microbatch"], fit["grad_accum"]) == ("none", 8, 1)
@@ -55,7 +60,8 @@ def test_plan_refuses_a_config_that_does_not_fit(capsys):
     assert plan.main([*TINY, "--device-memory", "1e6"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    [line] = captured.err.strip().splitlines()
+    *progress, line = captured.err.strip().splitlines()
+    assert len(progress) == 2 and progress[0].startswith("compiling 1/5: train step")
     assert line.startswith("error: preset cpu-tiny: the train step needs ") and "MB" in line
     assert "but the device has 1.00 MB" in line
 

@@ -2,7 +2,9 @@
 checkpoints, exact resume, and refusals that leave what was written untouched."""
 
 import importlib
+import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +34,10 @@ def test_run_writes_events_checkpoints_and_reports(backend, corpus, tmp_path, ca
     assert run(corpus, tmp_path / "run", backend) == 0
     out = capsys.readouterr().out
     assert "final val loss" in out and "sample:" in out
+    loss, bpb = map(float, re.search(r"final val loss ([0-9.]+) nats/token \(([0-9.]+) bits/byte\)",
+                                     out).groups())
+    # byte tokens: one per byte, and an eos per document that counts no byte
+    assert loss / math.log(2) < bpb < 1.01 * loss / math.log(2)
     assert (tmp_path / "run" / "config.json").is_file()
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == ["3", "6"]
@@ -40,7 +46,8 @@ def test_run_writes_events_checkpoints_and_reports(backend, corpus, tmp_path, ca
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/tokens_per_sec", "train/grad_norm",
             "val/loss"} <= tags
-    assert "alpha/decoder.layers.0.attn.alpha" in tags
+    assert "dyn/alpha/decoder.layers.0.attn" in tags
+    assert not [t for t in tags if t.startswith("alpha/")]  # each metric once
     assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
     assert all(np.isfinite(e.value) for e in acc.Scalars("train/loss"))
     params, cfg = final_params(backend, tmp_path / "run")
@@ -175,4 +182,4 @@ def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
         with torch.no_grad():
             dict(backend.net.named_parameters())[bad].view(-1)[0] = float("inf")
     assert backend.nonfinite() == [bad]
-    assert divergence(None, cfg.train.max_loss, backend) == f"non-finite parameters ({bad})"
+    assert divergence(None, cfg, backend) == f"non-finite parameters ({bad})"

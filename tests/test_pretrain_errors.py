@@ -3,17 +3,21 @@ and leaves an existing run folder byte for byte; a diverging run exits 3 and nev
 non-finite checkpoint; a second run on a folder in use is refused naming the holder; an
 unreadable newest checkpoint falls back to the one before it."""
 
+import math
 import os
 import shutil
 import socket
 
 import numpy as np
 import pytest
+from safetensors import SafetensorError
 
 from experiments import prepare
 from experiments.evaluate import evaluate
 from experiments.pretrain import main
 from tnt.checkpoint_io import CheckpointFallback, committed, read_canonical
+from tnt.config import build_run_config
+from tnt.run import divergence
 from tnt.run_lock import RunLock
 
 BACKENDS = ["jax", "torch"]
@@ -52,6 +56,8 @@ BAD_INPUTS = [
     (["--resume", "--set", "min_lr=nan"], "min_lr must be a finite number"),
     (["--resume", "--set", "grad_clip=nan"], "grad_clip must be a finite number"),
     (["--resume", "--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--resume", "--seed", "99999999999999999999"], "seed must be at most 2**63 - 1"),
+    (["--resume", "--set", "eps=0"], "eps must be > 0"),
     (["--resume", "--set", "max_loss=-1"], "max_loss must be >= 0"),
     (["--resume", "--tokenizer", "bpe", "--set", "bpe_vocab_size=100"],
      "bpe_vocab_size must be at least 259"),
@@ -81,9 +87,30 @@ def test_bad_output_paths_are_named(corpus, tmp_path, capsys):
     assert f"cannot create run directory --out {file / 'sub'}" in one_error_line(
         capsys.readouterr().err)
     assert file.read_text() == "not a folder"
-    assert prepare.main(["--data", corpus, "--out", str(file)]) == 2
-    assert "cannot write the token folder --out" in one_error_line(capsys.readouterr().err)
+    assert main(args("torch", corpus, "")) == 2
+    assert "--out is empty" in one_error_line(capsys.readouterr().err)
     assert file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("out, extra, message", [
+    ("{file}", [], "--out {file} is a file"),
+    ("{file}/sub", [], "cannot write the token folder --out {file}/sub"),
+    ("/proc/tnt-tokens", [], "cannot write the token folder --out /proc/tnt-tokens"),
+    ("", [], "--out is empty"),
+    ("{run}", [], "--out {run} is a pretrain run folder"),
+    ("{tmp}/tokens", ["--val-percent", "nan"], "--val-percent must be in (0, 100), got nan"),
+])
+def test_prepare_refuses_before_any_work(out, extra, message, runs, corpus, tmp_path, capsys):
+    """One line, no progress bar (nothing was tokenized), nothing written."""
+    file = tmp_path / "file"
+    file.write_text("kept")
+    names = {"file": file, "run": runs / "torch", "tmp": tmp_path}
+    before = snapshot(runs / "torch")
+    assert prepare.main(["--data", corpus, "--out", out.format(**names), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message.format(**names) in one_error_line(err) and err.count("\n") == 1, err
+    assert snapshot(runs / "torch") == before and file.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,4 +172,84 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(backend, run
         assert main(args(backend, corpus, run, "--resume", "--max-steps", "6")) == 0
     assert "moved the unreadable checkpoint" in capsys.readouterr().out
     assert (run / "checkpoints" / "corrupt-6").is_dir()
+    assert [p.name for p, _ in committed(run)] == ["6", "3"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_only_checkpoint_is_refused_in_one_line(backend, runs, corpus, tmp_path, capsys):
+    """orbax's errors carry the whole TensorStore spec; the message keeps its first line."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / backend, run)
+    for f in (run / "checkpoints" / "3").rglob("*"):
+        if f.is_file() and not f.name.startswith("meta"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    before = snapshot(run)
+    assert main(args(backend, corpus, run, "--resume", "--max-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/3 is corrupt" in one_error_line(err) and err.count("\n") == 1, err
+    assert snapshot(run) == before
+
+
+def test_resume_without_checkpoints_folder_is_refused_and_writes_nothing(runs, corpus, tmp_path,
+                                                                         capsys):
+    """A run makes `checkpoints/` as it starts, so a missing one was deleted: restarting at step
+    0 would silently supersede the run's TensorBoard steps. An empty folder gets no `.lock`."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "torch", run)
+    shutil.rmtree(run / "checkpoints")
+    (run / ".lock").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (run, empty):
+        before = snapshot(folder)
+        assert main(args("torch", corpus, folder, "--resume", "--max-steps", "6")) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{folder / 'checkpoints'} is missing" in line and "without --resume" in line
+        assert snapshot(folder) == before and not (folder / ".lock").exists()
+
+
+def test_the_default_ceiling_is_twice_the_loss_of_a_uniform_prediction():
+    """An initialized model starts near ln V and a learning one goes below it; a loss of twice
+    that is divergence (JAX nGPT at --lr 1e3 ended at 14,207 with exit 0 without a ceiling)."""
+    cfg = build_run_config("cpu-tiny", {"vocab_size": 259}, [])
+    ceiling = 2 * math.log(259)
+    assert cfg.train.max_loss is None and cfg.loss_ceiling == pytest.approx(ceiling, rel=1e-12)
+    assert divergence({"loss": ceiling * 0.99, "grad_norm": 1.0}, cfg) is None
+    assert divergence({"loss": 11.2, "grad_norm": 1.0}, cfg) == (
+        "train loss 11.2 exceeds the divergence ceiling 11.11 (twice ln(259), the loss of a "
+        "uniform prediction; --set max_loss=X sets another, 0 none)")
+    off = build_run_config("cpu-tiny", {"vocab_size": 259}, ["max_loss=0"])
+    assert divergence({"loss": 1e6, "grad_norm": 1.0}, off) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(backend, corpus, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The save of step 6 fails as a full disk fails it (safetensors' and orbax's own errors)."""
+    if backend == "torch":
+        import tnt_torch.checkpoint as ckpt
+
+        real, target = ckpt.save_file, "save_file"
+
+        def failing(tensors, path, metadata=None):
+            if "/.tmp-6-" in path:
+                raise SafetensorError("Error while serializing: I/O error: No space left on device")
+            return real(tensors, path, metadata=metadata)
+    else:
+        import orbax.checkpoint as ckpt
+
+        ckpt, real, target = ckpt.CheckpointManager, ckpt.CheckpointManager.save, "save"
+
+        def failing(manager, step, *a, **k):
+            if step == 6:
+                raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [28]")
+            return real(manager, step, *a, **k)
+    run = tmp_path / "run"
+    monkeypatch.setattr(ckpt, target, failing)
+    assert main(args(backend, corpus, run, "--max-steps", "6", "--set", "eval_every=6")) == 4
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot write" in line and "No space left on device" in line and "intact" in line
+    assert [p.name for p, _ in committed(run)] == ["3"]
+    monkeypatch.undo()
+    assert main(args(backend, corpus, run, "--resume", "--max-steps", "6")) == 0
     assert [p.name for p, _ in committed(run)] == ["6", "3"]

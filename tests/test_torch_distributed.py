@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     batches = [spec.make(rng.integers(3, 259, (4, spec.window))) for _ in range(3)]
     for b in batches:  # rank 0's rows hold fewer real labels than rank 1's
         b["labels"][0, :5] = cfg.model.pad_id
-    backend = TorchTrainer(cfg, compile=False)
+    backend = TorchTrainer(cfg)
     losses = [float(backend.step(b)["loss"]) for b in batches]
     val = backend.evaluate(iter(batches[:2]))
     backend.open(sys.argv[1], 2)
@@ -128,7 +128,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     from tnt.params import param_specs
     state_names = list(param_specs(cfg.model))
     if ckpt != "-":  # a fresh run of 3 steps, evaluated after steps 1 and 3, saved at 3
-        backend = TorchTrainer(cfg, compile=False)
+        backend = TorchTrainer(cfg)
         losses = [float(backend.step(batches[0])["loss"])]
         vals = [backend.evaluate(iter(batches[:2]))]
         losses += [float(backend.step(b)["loss"]) for b in batches[1:3]]
@@ -142,7 +142,7 @@ FSDP_SCRIPT = textwrap.dedent("""
         vals.append(held)  # compared separately
         dump(backend, "fresh", losses, vals)
     if resume != "-":  # resume another launch's step 3 and take steps 4 and 5
-        backend = TorchTrainer(cfg, compile=False)
+        backend = TorchTrainer(cfg)
         backend.restore(resume)
         dump(backend, "restored", [], [])
         dump(backend, "resumed", [float(backend.step(b)["loss"]) for b in batches[3:]], [])

@@ -203,11 +203,37 @@ def test_the_end_of_run_sample_is_inference_and_stops_at_eos():
     assert backend.sample(tok, "abc", 5) == ""
 
 
+def test_compiled_train_step_equals_the_eager_one(rng):
+    """Loss and every gradient of the compiled blocks against eager. Inductor fuses elementwise
+    ops and may reorder a reduction; reordering a sum of n fp32 terms moves it by at most
+    (n - 1) u sum|terms| (u = 2^-24). Every quantity here is a unit vector or a softmax (bounded
+    terms), the longest reduction is the MLP's hidden width, and each sublayer (attention, MLP,
+    head) chains about three reductions: K = 3 sublayers x 3 x width roundoffs of each tensor's
+    own largest magnitude. A wrong fusion moves these O(1) values by O(1)."""
+    from torch._dynamo.utils import counters
+
+    from tnt_torch.train import accumulate_grads
+
+    cfg = run_config("decoder_only", "ngpt", compile=False)
+    tensors = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in batch_for(cfg, rng).items()}
+    eager, compiled = TorchTrainer(cfg), TorchTrainer(run_config("decoder_only", "ngpt", compile=True))
+    assert compiled.compiled and not eager.compiled
+    graphs = counters["stats"]["unique_graphs"]
+    (l0, _), (l1, _) = (accumulate_grads(b.replica, tensors) for b in (eager, compiled))
+    assert counters["stats"]["unique_graphs"] > graphs  # the blocks did go through dynamo
+    K = 3 * 3 * cfg.model.hidden
+    u = 2.0 ** -24
+    assert abs(float(l1) - float(l0)) <= K * u * abs(float(l0))
+    named = dict(compiled.net.named_parameters())
+    for name, p in eager.net.named_parameters():
+        g0, g1 = p.grad, named[name].grad
+        torch.testing.assert_close(g1, g0, rtol=0, atol=K * u * float(g0.abs().max()), msg=name)
+
+
 def test_a_failing_compile_falls_back_to_eager(rng):
-    cfg = run_config("encoder_decoder", "ngpt")
+    cfg = run_config("encoder_decoder", "ngpt", compile=False)
     batch = batch_for(cfg, rng)
-    eager = TorchTrainer(cfg, compile=False)
-    backend = TorchTrainer(cfg, compile=True)
+    eager, backend = TorchTrainer(cfg), TorchTrainer(run_config("encoder_decoder", "ngpt", compile=True))
     assert backend.compiled
 
     def broken(*args, **kwargs):

@@ -33,7 +33,8 @@ Specs = dict[str, ParamSpec]
 
 
 def condition_number(w: np.ndarray, fast: bool = False) -> float:
-    """sigma_max / sigma_min of a matrix (inf when it is rank deficient to float precision).
+    """sigma_max / sigma_min of a matrix (inf when it is rank deficient to float precision, nan
+    when it holds a non-finite value).
 
     `fast=True` takes the eigenvalues of the smaller Gram matrix (`W W^T` or `W^T W`, float64)
     instead of an SVD: several times cheaper for the wide `w_in [d, 2F]`, and exact to about 1e-8
@@ -41,6 +42,12 @@ def condition_number(w: np.ndarray, fast: bool = False) -> float:
     the TensorBoard dynamics during training.
     """
     w = np.asarray(w, np.float64)
+    if not np.isfinite(w).all():
+        return float("nan")
+    top = np.abs(w).max(initial=0.0)
+    if top == 0:
+        return float("inf")
+    w = w / top  # the ratio is scale free; this keeps a diverged matrix's Gram from overflowing
     if fast:
         g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
         ev = np.linalg.eigvalsh(g)

@@ -138,6 +138,10 @@ class Backend(Protocol):
     def token_logprobs(self, model: Any, batch: Batch) -> np.ndarray:
         """float32 [B, L] log-probability of each label (0 where the label is padding)."""
 
+    def label_logprobs(self, model: Any, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """`token_logprobs` and, per label, whether it is the argmax over the non-pad tokens
+        (the harness's is_greedy, tnt/harness.py)."""
+
     def generate(self, model: Any, prompts: list[np.ndarray], max_new_tokens: int,
                  sampling: Sampling, *, use_cache: bool = True, warn: bool = True,
                  stop_at_eos: bool = True) -> Generation:

@@ -17,7 +17,10 @@ real orbax checkpoint this way, so a layout change fails that test loudly.
 
 Recovery: both writers commit a step by renaming a temporary folder (orbax:
 `<step>.orbax-checkpoint-tmp-*`, torch: `.tmp-<step>-<pid>`), so a kill leaves at most a temp
-folder, which is never taken for a checkpoint (`stale_temp_folders` lists them for removal). When
+folder, which is never taken for a checkpoint. Old steps are pruned alike: a step folder is first
+renamed into `PRUNED` and only then deleted, so a kill while pruning never leaves a step folder
+that is neither committed nor temporary. `stale_temp_folders` lists what interrupted saves and
+prunes leave (temp folders, `PRUNED`, and numbered folders that are not committed steps). When
 the newest committed step of a run cannot be read, `read_canonical` falls back to the one before
 it with a `CheckpointFallback` warning naming both.
 """
@@ -25,13 +28,15 @@ it with a `CheckpointFallback` warning naming both.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from tnt import hf_export
-from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences
+from tnt.checkpoint_meta import CheckpointError, check_meta, config_differences, kill_point, reason
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.params import check_canonical
 from tnt.special_ids import check_special_ids
@@ -40,6 +45,7 @@ from tnt.tokenizer import tokenizer_from_spec
 JAX, TORCH, HF = "jax", "torch", "hf"
 META_FILE = {JAX: "meta/metadata", TORCH: "meta.json"}
 TEMP_MARKERS = (".orbax-checkpoint-tmp", ".tmp-", ".old-")  # orbax's and tnt_torch's temp names
+PRUNED = ".tmp-pruned"  # old steps are renamed into this folder before they are deleted
 
 
 class CheckpointFallback(UserWarning):
@@ -100,12 +106,39 @@ def find_checkpoint(path: str | Path, backend: str | None = None) -> tuple[Path,
 
 
 def stale_temp_folders(path: str | Path) -> list[Path]:
-    """Temp folders of interrupted saves under a checkpoints folder (safe to delete only while no
-    other process writes there: pretrain does it holding the run-folder lock)."""
+    """What interrupted saves and prunes leave under a checkpoints folder: temp folders, `PRUNED`,
+    and numbered folders that are not committed steps (a step half deleted by a writer that does
+    not rename first). Safe to delete only while no other process writes there: pretrain does it
+    holding the run-folder lock."""
     path = Path(path)
     if not path.is_dir():
         return []
-    return [p for p in path.iterdir() if any(m in p.name for m in TEMP_MARKERS)]
+    return sorted(p for p in path.iterdir() if any(m in p.name for m in TEMP_MARKERS)
+                  or (p.name.isdigit() and p.is_dir() and layout(p) is None))
+
+
+def prune(step_dir: Path) -> None:
+    """Delete a committed step folder so that a kill at any instant leaves either the committed
+    step or a folder `stale_temp_folders` lists: rename it into `PRUNED` first (by the only
+    writer of the folder, so all of `PRUNED` goes)."""
+    pruned = step_dir.parent / PRUNED
+    pruned.mkdir(exist_ok=True)
+    target = pruned / step_dir.name
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(step_dir, target)
+    kill_point(f"prune:{step_dir.name}")
+    shutil.rmtree(pruned, ignore_errors=True)
+
+
+def empty_pruned(directory: str | Path) -> None:
+    """Delete the step folders a writer renamed into `PRUNED` (orbax's `todelete_subdir`); the
+    folder itself stays, as a writer may be renaming the next one into it."""
+    for old in sorted((Path(str(directory)) / PRUNED).glob("*")):
+        if old.is_symlink():  # a step linked in from elsewhere: drop the link, keep its target
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(step_dir: Path, kind: str) -> dict:
@@ -176,7 +209,7 @@ def read_step(step_dir: Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     except CheckpointError:
         raise
     except Exception as e:  # tensorstore / safetensors raise their own types for bad files
-        raise CheckpointError(f"checkpoint {step_dir} is corrupt or partial: {e}") from e
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt or partial: {reason(e)}") from e
     try:
         check_canonical(params, cfg)
     except (KeyError, ValueError) as e:

@@ -12,10 +12,10 @@ import dataclasses
 import os
 import signal
 
-from tnt.config import ModelConfig, RunConfig
+from tnt.config import ModelConfig, RunConfig, TrainConfig
 from tnt.params import param_specs
 
-KILL_ENV = "TNT_TEST_KILL"
+KILL_ENV, SIGNAL_ENV = "TNT_TEST_KILL", "TNT_TEST_SIGNAL"
 FORMAT = "tnt-checkpoint"
 # 2: Adam's moments are those of the stored gradients `eigen_lr * g` (docs/design.md, "The scalers");
 # 1: moments of `g`, converted on restore by `adam_moment_factors`.
@@ -25,6 +25,19 @@ READABLE_VERSIONS = (1, 2)
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, partial, or does not match the run."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, an I/O error); the steps committed before
+    it are intact and the partial one is a temp folder, so the run resumes once there is room."""
+
+
+def reason(error: BaseException, limit: int = 300) -> str:
+    """The first line of a storage library's error, for a one-line message: tensorstore's and
+    orbax's append the whole store spec (dozens of lines) to what went wrong."""
+    text = str(error).split("See full TensorStore details")[0].strip()
+    text = (text.splitlines() or [type(error).__name__])[0].strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def make_meta(backend: str, step: int, cfg: RunConfig, tokenizer_spec: dict) -> dict:
@@ -69,6 +82,25 @@ def kill_point(point: str) -> None:
     """Test hook, not a feature: with `TNT_TEST_KILL=<point>` in the environment the process
     SIGKILLs itself here, so the kill-recovery tests (tests/test_kill_recovery.py) can stop a
     run at an exact instant: `save:<step>` is inside a save (torch: the step's files are in the
-    temp folder, not yet committed; jax: orbax's asynchronous write has begun)."""
+    temp folder, not yet committed; jax: orbax's asynchronous write has begun), `prune:<step>`
+    is between renaming an old step aside and deleting it. `TNT_TEST_SIGNAL=SIGTERM` (or SIGINT)
+    sends that signal instead, as a user stopping the run there would."""
     if os.environ.get(KILL_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get(SIGNAL_ENV, "SIGKILL")))
+
+
+def custom_loop_meta(backend: str, step: int, cfg, model_cfg, tokenizer) -> dict:
+    """The metadata of a checkpoint a custom training loop saves (`tnt_jax.save_checkpoint`,
+    `tnt_torch.save_checkpoint`): `cfg` is a RunConfig or the model's ModelConfig (then a default
+    TrainConfig that fits it); refused when it is not the config `model_cfg` was built with."""
+    if isinstance(cfg, ModelConfig):
+        length = min(TrainConfig.seq_len, cfg.max_len_decoder, cfg.max_len_encoder)
+        cfg = RunConfig(model=cfg, train=TrainConfig(seq_len=length))
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg must be a RunConfig or ModelConfig, got {type(cfg).__name__}")
+    diff = config_differences(cfg.model, model_cfg)
+    if diff:
+        raise CheckpointError("the model was not built with cfg: " + "; ".join(diff))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"step must be an integer >= 0, got {step!r}")
+    return make_meta(backend, step, cfg, tokenizer.spec)

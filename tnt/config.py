@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ARCHS = ("encoder_decoder", "decoder_only")
 NORMS = ("ngpt", "rmsnorm")
@@ -21,6 +23,8 @@ ACTIVATIONS = ("gelu", "silu")
 ROPE_MODES = ("rotate", "ngpt_reference")
 DTYPES = ("float32", "bfloat16")  # the compute dtype; parameters and optimizer state stay float32
 MIN_BPE_VOCAB = 256 + 3  # a BPE vocabulary holds every byte and the pad/bos/eos specials
+LOSS_CEILING_FACTOR = 2.0  # default divergence ceiling: twice the loss of a uniform prediction
+MAX_SEED = 2**63 - 1  # the largest seed every generator takes (jax.random.key, torch.manual_seed)
 REMATS = ("none", "block")  # activation checkpointing: keep every activation, or recompute per block
 
 
@@ -129,6 +133,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1  # microbatches per global batch of batch_size rows
     fsdp: bool = False  # torch under torchrun: FSDP2 (fully_shard) instead of DDP
+    compile: bool | None = None  # torch: torch.compile the blocks; None: on with CUDA, off on the CPU
     seq_len: int = 64  # decoder length (decoder_only: the window is seq_len + 1 tokens)
     enc_len: int = 0  # encoder length for encoder_decoder; 0 means seq_len
     lr: float | None = None  # ngpt 15e-4, rmsnorm 6e-4
@@ -142,6 +147,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     data: str = "stdlib"
+    text_field: str = "text"  # the column of a `datasets` source that holds the text
     tokenizer: str = "byte"  # "byte", "bpe" or the path of a Hugging Face tokenizer.json
     bpe_vocab_size: int = 1024
     val_percent: float = 5.0
@@ -152,8 +158,11 @@ class TrainConfig:
     log_every: int = 10
     analysis_every: int = 100  # TensorBoard dynamics (tnt/dynamics.py); 0 disables
     sample_tokens: int = 64
-    max_loss: float = 0.0  # divergence guard: stop when the train loss exceeds it; 0 disables
+    max_loss: float | None = None  # divergence ceiling; None: RunConfig.loss_ceiling; 0 disables
     sample_temperature: float = 0.8  # end-of-run sample; 0 is greedy (which a small model repeats)
+    eval_tasks: str = ""  # lm-evaluation-harness tasks "T1,T2" run at each validation ("": none)
+    eval_tasks_limit: float = 100  # documents per task (a fraction if < 1; 0: all of them)
+    eval_tasks_path: str = ""  # a folder of local task YAML files (lm_eval's include_path)
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
@@ -163,12 +172,16 @@ class TrainConfig:
         for name in ("enc_len", "decay_steps", "sample_tokens", "analysis_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}" if self.seed < 0 else
+                              f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be > 0 (Adam divides by sqrt(v) + eps, and v is 0 for a "
+                              f"parameter without gradient), got {self.eps}")
         if self.bpe_vocab_size < MIN_BPE_VOCAB:
             raise ConfigError(f"bpe_vocab_size must be at least {MIN_BPE_VOCAB} (the 256 bytes and "
                               f"3 special tokens), got {self.bpe_vocab_size}")
-        if self.max_loss < 0:
+        if self.max_loss is not None and self.max_loss < 0:
             raise ConfigError(f"max_loss must be >= 0 (0 disables the ceiling), got {self.max_loss}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
@@ -187,12 +200,25 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not isinstance(self.fsdp, bool):
             raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be true, false or none (auto), got {self.compile!r}")
+        if self.compile and self.fsdp:
+            raise ConfigError("compile=true is not supported with fsdp=true: FSDP2's per-block "
+                              "hooks under torch.compile are untested here; use compile=false "
+                              "(or none) with fsdp, or DDP with compile")
         microbatch_rows(self.batch_size, self.grad_accum, "batch_size")
         if self.tokenizer not in ("byte", "bpe") and not self.tokenizer.endswith(".json"):
             raise ConfigError(f"tokenizer must be byte, bpe or the path of a tokenizer.json, "
                               f"got {self.tokenizer!r}")
+        if self.eval_tasks_limit < 0:
+            raise ConfigError(f"eval_tasks_limit must be >= 0 (0: every document), "
+                              f"got {self.eval_tasks_limit}")
+        if self.eval_tasks and not all(t.strip() for t in self.eval_tasks.split(",")):
+            raise ConfigError(f"eval_tasks must be task names separated by commas, got {self.eval_tasks!r}")
         if not 0 < self.val_percent < 100:
             raise ConfigError(f"val_percent must be in (0, 100), got {self.val_percent}")
+        if not self.text_field:
+            raise ConfigError("text_field must name a column of the dataset, got ''")
 
     def check_rows_split(self, shards: int, over: str) -> None:
         """Each of `shards` (data-parallel devices or ranks, described by `over`) takes an equal
@@ -201,6 +227,10 @@ class TrainConfig:
         if rows % shards:
             raise ConfigError(f"the batch of {rows} rows (batch_size={self.batch_size} / "
                               f"grad_accum={self.grad_accum}) does not split over {over}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
 
     @property
     def encoder_len(self) -> int:
@@ -234,6 +264,15 @@ class RunConfig:
         if m.has_encoder and t.encoder_len > m.max_len_encoder:
             raise ConfigError(
                 f"enc_len={t.encoder_len} exceeds the model's max_len_encoder={m.max_len_encoder}")
+
+    @property
+    def loss_ceiling(self) -> float:
+        """The train loss that stops a run as diverged (0: no ceiling): `max_loss`, by default
+        LOSS_CEILING_FACTOR times ln(vocab_size), the loss of a uniform prediction, which an
+        initialized model starts near and a learning one only goes below."""
+        if self.train.max_loss is not None:
+            return self.train.max_loss
+        return LOSS_CEILING_FACTOR * math.log(self.model.vocab_size)
 
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
@@ -299,15 +338,17 @@ PRESET_LRS: dict[str, dict[str, float]] = {
 
 
 def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = None,
-                     sets: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A RunConfig from a preset, typed overrides (e.g. from flags) and `field=value` strings.
+                     sets: list[str] | tuple[str, ...] = (), base: dict[str, object] | None = None
+                     ) -> RunConfig:
+    """A RunConfig from a base (`read_config_file`), a preset, typed overrides (e.g. from flags)
+    and `field=value` strings.
 
     Field names are unique across ModelConfig and TrainConfig, so `d_model=256` and
-    `model.d_model=256` both work. Later sources win: preset < overrides < sets.
+    `model.d_model=256` both work. Later sources win: base < preset < overrides < sets.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values: dict[str, object] = dict(PRESETS[preset])
+    values: dict[str, object] = {**(base or {}), **PRESETS[preset]}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for item in sets:
         name, value = parse_set(item)
@@ -330,15 +371,58 @@ def build_run_config(preset: str = "cpu", overrides: dict[str, object] | None = 
     return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw))
 
 
+def read_config_file(path: str | Path) -> dict[str, object]:
+    """The fields of a config file: a run's `config.json` (`{"model": {...}, "train": {...}}`) or a
+    JSON or YAML file of fields, flat or in those two sections; names are checked when it is built."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml "
+                              f"(or write the config as JSON)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--config {path} is not valid JSON ({e}); a YAML file needs a "
+                              f".yaml or .yml name") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of config fields, not "
+                          f"{type(data).__name__}")
+    values: dict[str, object] = {}
+    for name, value in data.items():
+        if name in ("model", "train") and isinstance(value, dict):
+            values.update(value)
+        else:
+            values[name] = value
+    return {field_name(str(k)): v for k, v in values.items()}
+
+
 def parse_set(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"--set expects field=value, got {item!r}")
     name, value = item.split("=", 1)
+    return field_name(name), value.strip()
+
+
+def field_name(name: str) -> str:
+    """`d_model` for `d_model`, `model.d_model` and `train.`-prefixed names."""
     name = name.strip()
     for prefix in ("model.", "train."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name, value.strip()
+            return name[len(prefix):]
+    return name
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

@@ -7,7 +7,9 @@
   dyn/cond/<matrix>               condition number of each attention and MLP matrix
   dyn/wnorm/<matrix>              Frobenius norm of each matrix; mean row norm of each embedding
                                   (rmsnorm only: nGPT's embeddings are unit-norm by construction)
-  hist/<scaler>                   histograms of every scaler vector
+  hist/<scaler>                   histograms of every scaler vector (left out at a step where it
+                                  holds a value TensorBoard's buckets cannot take: non-finite or
+                                  beyond HIST_LIMIT; its mean above still shows it)
 
 Cost: one host copy of the parameters involved and, per matrix, the eigenvalues of its smaller
 Gram matrix (`condition_number(fast=True)`, several times cheaper than an SVD), with numpy's
@@ -24,6 +26,14 @@ from threadpoolctl import threadpool_limits
 from tnt import analysis
 from tnt.config import ModelConfig
 from tnt.params import param_specs
+
+HIST_LIMIT = 1e19  # within tensorboardX's outermost default bucket (about 9.9e19)
+
+
+def histogram_ok(v: np.ndarray) -> bool:
+    """Whether TensorBoard's default buckets can hold every value (tensorboardX raises "The
+    histogram is empty" when none falls inside them)."""
+    return v.size > 0 and bool(np.isfinite(v).all()) and float(np.abs(v).max()) <= HIST_LIMIT
 
 
 def chosen_layers(n: int, max_layers: int) -> list[int]:
@@ -49,7 +59,8 @@ class Dynamics:
         return self.scalers + self.matrices + self.embeddings
 
     def values(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """(scalars by tag, histograms by tag) for one interval."""
+        """(scalars by tag, histograms by tag) for one interval; non-finite or huge weights give
+        nan/inf scalars and no histogram, never an error (the divergence guard decides)."""
         scalars: dict[str, float] = {}
         hists: dict[str, np.ndarray] = {}
         for name in self.scalers:
@@ -66,7 +77,8 @@ class Dynamics:
                 scalars[f"dyn/scaler/{module}.s_v"] = float(s_v.mean())
             else:  # s_qk and s_z by name, an RMSNorm gain by its norm ("...attn_norm")
                 scalars[f"dyn/scaler/{module if spec.kind == 'norm_scale' else name}"] = float(v.mean())
-            hists[f"hist/{name}"] = v
+            if histogram_ok(v):
+                hists[f"hist/{name}"] = v
         for name in self.matrices:
             w = np.asarray(arrays[name], np.float64)
             scalars[f"dyn/cond/{name}"] = analysis.condition_number(w, fast=True)
@@ -80,8 +92,8 @@ class Dynamics:
         arrays = trainer.arrays(self.names)
         # One BLAS thread: these matrices are small, and a multi-threaded OpenBLAS next to the
         # framework's own thread pool was measured 10-30x slower on a loaded 2-core machine.
-        with threadpool_limits(limits=1, user_api="blas"):
-            scalars, hists = self.values(arrays)
+        with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
+            scalars, hists = self.values(arrays)  # a diverged weight overflows to inf, silently
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
         for tag, value in hists.items():

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tnt.config import ModelConfig
+from tnt.config import MAX_SEED, ModelConfig
 from tnt.data import check_token_ids
 from tnt.special_ids import NAMES, special_id_collisions
 
@@ -46,6 +46,12 @@ class PromptTruncated(UserWarning):
 
 class TokenizerMismatch(ValueError):
     """The tokenizer does not belong to the model or checkpoint it is used with."""
+
+
+def check_seed(seed) -> None:
+    """A sampling seed every framework's generator takes: an integer in [0, 2**63 - 1]."""
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Sampling:
             raise ValueError(f"top_k must be an integer >= 0 (0 is off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 is off), got {self.top_p}")
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -105,9 +112,10 @@ def check_inference_args(model, tokenizer, input_text, max_length, seed) -> None
                         f"{type(input_text).__name__}")
     if len(texts) == 0:
         raise ValueError("input_text is an empty list; give at least one prompt")
-    for name, value, low in (("max_length", max_length, 1), ("seed", seed, 0)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(max_length, int | np.integer) or isinstance(max_length, bool) or max_length < 1:
+        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    check_seed(seed)
+
 
 
 def check_tokenizer_spec(spec: dict, expected: dict, where: str) -> None:

@@ -27,7 +27,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from tnt import checkpoint_io
@@ -37,23 +36,26 @@ from tnt.checkpoint_meta import CheckpointError, config_differences
 from tnt.config import ConfigError, RunConfig, build_run_config
 from tnt.data import Batches, BatchSpec, load_corpus
 from tnt.dynamics import Dynamics
-from tnt.params import param_specs
+from tnt.events import EventWriter
+from tnt.loggers import Loggers, WandbLogger, parse_loggers
 from tnt.run_lock import RunLock
 from tnt.schedule import learning_rate
 from tnt.special_ids import tokenizer_special_ids
 from tnt.tokenizer import BPETokenizer, tokenizer_from_spec
+from tnt.units import bits_per_byte
 
 # Train fields that may change when resuming; anything else must match the checkpoint.
 RESUMABLE = {"max_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
              "log_every", "analysis_every", "sample_tokens", "sample_temperature", "max_loss",
-             "lr"}  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "lr",  # lr: continuing a diverged run from its last good checkpoint with a lower rate
+             "eval_tasks", "eval_tasks_limit", "eval_tasks_path"}
 # Train fields that describe the launch, not the run: a resume takes them from its own command
 # line (a torchrun FSDP2 checkpoint resumes in one process without --set fsdp=false).
-LAUNCH = {"fsdp"}
+LAUNCH = {"fsdp", "compile"}
 
 
 class Diverged(RuntimeError):
-    """The loss, gradient norm or parameters went non-finite or past `max_loss`; nothing after
+    """The loss, gradient norm or parameters went non-finite or past the loss ceiling; nothing after
     the last good checkpoint was saved (the message says which step to resume from)."""
 
 
@@ -117,10 +119,10 @@ def make_run_dir(out: Path) -> None:
 
 
 def remove_stale_temp(ckpt_dir: Path) -> None:
-    """Temp folders of saves interrupted by a kill; only the lock holder may remove them."""
+    """What saves and prunes interrupted by a kill left; only the lock holder may remove it."""
     for tmp in checkpoint_io.stale_temp_folders(ckpt_dir):
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"removed {tmp}, the temp folder of an interrupted save", flush=True)
+        print(f"removed {tmp}, left by an interrupted save or prune", flush=True)
 
 
 def restore_latest(trainer: Trainer, ckpt_dir: Path, main: bool = True) -> dict:
@@ -136,21 +138,22 @@ def restore_latest(trainer: Trainer, ckpt_dir: Path, main: bool = True) -> dict:
     return meta
 
 
-def alpha_means(trainer: Trainer, names: list[str]) -> dict[str, float]:
-    return {n: float(np.mean(np.abs(a))) for n, a in trainer.arrays(names).items()}
-
-
-def divergence(metrics: dict | None, max_loss: float, trainer: Trainer | None = None,
+def divergence(metrics: dict | None, cfg: RunConfig, trainer: Trainer | None = None,
                val_loss: float | None = None) -> str | None:
-    """What diverged, or None: a non-finite train loss or gradient norm, a train loss over
-    `max_loss` (0: no ceiling), a non-finite validation loss, or (with `trainer`) non-finite
-    parameters, read as one flag each."""
+    """What diverged, or None: a non-finite train loss or gradient norm, a train loss over the
+    run's `loss_ceiling` (`max_loss`, by default twice ln(vocab_size); 0: none), a non-finite
+    validation loss, or (with `trainer`) non-finite parameters, read as one flag each."""
     if metrics is not None:
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return f"train loss {loss}, gradient norm {gnorm}"
-        if max_loss and loss > max_loss:
-            return f"train loss {loss:.4g} exceeds max_loss={max_loss:g}"
+        ceiling = cfg.loss_ceiling
+        if ceiling and loss > ceiling and cfg.train.max_loss is not None:
+            return f"train loss {loss:.4g} exceeds max_loss={ceiling:g}"
+        if ceiling and loss > ceiling:
+            return (f"train loss {loss:.4g} exceeds the divergence ceiling {ceiling:.4g} (twice "
+                    f"ln({cfg.model.vocab_size}), the loss of a uniform prediction; --set "
+                    f"max_loss=X sets another, 0 none)")
     if val_loss is not None and not math.isfinite(val_loss):
         return f"validation loss {val_loss}"
     bad = trainer.nonfinite() if trainer is not None else []
@@ -159,8 +162,10 @@ def divergence(metrics: dict | None, max_loss: float, trainer: Trainer | None = 
     return None
 
 
-def event_writer(tb: Path, start: int):
-    """The TensorBoard writer of a session that starts after `start` steps, one file per process.
+def event_writer(tb: Path, start: int) -> EventWriter:
+    """The TensorBoard writer of a session that starts after `start` steps, one file per process;
+    it writes synchronously, so a flush before a save puts every step the checkpoint covers on
+    disk (`tnt.events`).
 
     Events an earlier session logged after `start` are superseded by this one's (TensorBoard's
     purge step), so every step shows once. TensorBoard reads a folder's event files in name
@@ -168,8 +173,6 @@ def event_writer(tb: Path, start: int):
     second would be ordered by their pid suffix, and the earlier session's purge could then erase
     the later one's steps. So a session waits until its second is later than every existing
     file's before it opens its own."""
-    from tensorboardX import SummaryWriter
-
     seconds = [int(p.name.split(".")[3]) for p in tb.glob("events.out.tfevents.*")
                if p.name.split(".")[3].isdigit()] if tb.is_dir() else []
     wait = max(seconds, default=0) + 1 - time.time()
@@ -178,8 +181,8 @@ def event_writer(tb: Path, start: int):
               "TensorBoard may show superseded steps", file=sys.stderr)
     elif wait > 0:
         time.sleep(wait)
-    return SummaryWriter(str(tb), purge_step=start + 1 if tb.is_dir() else None,
-                         filename_suffix=f".{os.getpid()}")
+    return EventWriter(tb, purge_step=start + 1 if tb.is_dir() else None,
+                       filename_suffix=f".{os.getpid()}")
 
 
 class NullWriter:
@@ -200,6 +203,25 @@ def sample_text(trainer: Trainer, cfg: RunConfig, corpus) -> str:
     return prompt + " ⟶ " + trainer.sample(tok, prompt, n, t.sample_temperature, t.seed)
 
 
+def make_downstream(cfg: RunConfig, tokenizer, backend: str, role: Role):
+    """The `eval_tasks` runner (tnt.lm_eval_model.Downstream), or None when no task is named."""
+    t = cfg.train
+    if not t.task_names:
+        return None
+    if role.count > 1:
+        raise ConfigError("eval_tasks runs in one process; score a multi-process run's checkpoints "
+                          "with python -m experiments.evaluate RUN --tasks ...")
+    try:
+        from tnt.lm_eval_model import Downstream, TaskError
+    except ImportError as e:
+        raise ConfigError(f"eval_tasks needs lm-evaluation-harness, the 'eval' extra ({e.name} is "
+                          f"missing): pip install 'tnt[eval]'") from e
+    try:
+        return Downstream(t.task_names, t.eval_tasks_limit, t.eval_tasks_path, backend, tokenizer)
+    except TaskError as e:
+        raise ConfigError(f"eval_tasks: {e}") from e
+
+
 class Run:
     """A training run in the folder `out` (default `runs/<backend>-<arch>-<norm>-<time>`).
 
@@ -212,23 +234,30 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, out: str | Path | None = None, backend: str = "jax", *,
-                 keep_vocab_size: bool = False, launch: Launch | None = None) -> None:
+                 keep_vocab_size: bool = False, launch: Launch | None = None,
+                 loggers: str | Sequence[str] = ("tensorboard",)) -> None:
+        if out is not None and not str(out).strip():
+            raise ConfigError("--out is empty; name the run directory (or leave --out out for "
+                              "runs/<backend>-<arch>-<norm>-<time>)")
         self.backend = backend_named(backend)
+        self.loggers = parse_loggers(loggers)  # where the scalars go (tnt.loggers)
         self.cfg, self.launch, self.keep_vocab_size = cfg, launch or Launch(), keep_vocab_size
         self.given = out is not None
         self.out = Path(out if self.given else f"runs/{backend}-{cfg.model.arch}-{cfg.model.norm}-"
                                               f"{time.strftime('%Y%m%d-%H%M%S')}")
         self._resume: tuple[dict, Sequence[str]] | None = None
         self.meta: dict | None = None  # the checkpoint a resume continues
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | None = None  # built by fit(), kept for inspection afterwards
+        self.last_saved: int | None = None  # the newest good checkpoint's step (restored or saved)
 
     @classmethod
     def resume(cls, out: str | Path, backend: str = "jax", overrides: dict | None = None,
-               sets: Sequence[str] = (), *, launch: Launch | None = None) -> Run:
+               sets: Sequence[str] = (), *, launch: Launch | None = None,
+               loggers: str | Sequence[str] = ("tensorboard",)) -> Run:
         """Continue the run in `out` from its newest readable checkpoint (or from its
         `config.json` if it was killed before the first), with the resumable fields of
         `overrides` and `sets` changed (`RESUMABLE`; anything else is refused)."""
-        run = cls(None, out, backend, launch=launch)  # the config comes from the checkpoint
+        run = cls(None, out, backend, launch=launch, loggers=loggers)  # config: the checkpoint's
         run._resume = (dict(overrides or {}), tuple(sets))
         return run
 
@@ -246,12 +275,10 @@ class Run:
             self._prepare()
             self.backend.check(self.role, self.cfg)
             make_run_dir(self.out)
-            if self.role.main:
-                if lock is None:
-                    lock = RunLock(self.out)
-                    lock.acquire()
-                lock.record()
-            return self._train()
+            if self.role.main and lock is None:
+                lock = RunLock(self.out)
+                lock.acquire()
+            return self._train(lock)
         finally:
             if lock is not None:
                 lock.release()
@@ -272,12 +299,13 @@ class Run:
                 raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to "
                                       f"continue it or choose another --out (nothing was changed)")
             t = self.cfg.train
-            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size)
+            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size, t.text_field)
             self.cfg = fit_tokenizer(self.cfg, self.corpus.tokenizer, self.keep_vocab_size)
         else:
             self._prepare_resume(*self._resume)
         self.batches = Batches(batch_spec(self.cfg), self.corpus.train, self.corpus.val,
                                self.cfg.train.seed)
+        self.downstream = make_downstream(self.cfg, self.corpus.tokenizer, self.backend.name, self.role)
 
     def _prepare_resume(self, overrides: dict, sets: Sequence[str]) -> None:
         if not self.out.is_dir():
@@ -289,28 +317,38 @@ class Run:
                                       f"backend; resume it with --backend {self.meta['backend']}")
             self.cfg = resume_config(RunConfig.from_dict(self.meta["config"]), overrides, sets)
             self.corpus = load_corpus(self.cfg.train.data, tokenizer_from_spec(self.meta["tokenizer"]),
-                                      self.cfg.train.val_percent)
+                                      self.cfg.train.val_percent, text_field=self.cfg.train.text_field)
         else:  # killed before its first checkpoint committed: start it again from its config
+            if not self.ckpt_dir.is_dir():  # every run makes it as it starts
+                raise CheckpointError(
+                    f"{self.ckpt_dir} is missing (deleted?), so there is nothing to resume; put the "
+                    f"checkpoints back, or start again at step 0 without --resume (its TensorBoard "
+                    f"steps are then superseded)")
             self.cfg = resume_config(saved_run_config(self.out), overrides, sets)
+            print(f"note: {self.out} holds no committed checkpoint yet (killed before its first); "
+                  f"starting it again at step 0 from its config.json", flush=True)
             t = self.cfg.train
-            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size)
+            self.corpus = load_corpus(t.data, t.tokenizer, t.val_percent, t.bpe_vocab_size, t.text_field)
 
-    def _train(self) -> float:
-        """Write the run's config, build or restore the trainer, then run the loop."""
+    def _train(self, lock: RunLock | None) -> float:
+        """Build or restore the trainer (an unreadable checkpoint is refused before anything is
+        written), write the run's config, then run the loop."""
         main = self.role.main
+        self.trainer = self.backend.trainer(self.cfg, self.role)
+        self.last_saved = None
+        if self.meta is not None:
+            self.last_saved = restore_latest(self.trainer, self.ckpt_dir, main)["step"]
         if main:
+            lock.record()
+            self.ckpt_dir.mkdir(exist_ok=True)  # marks a started run: a resume needs it
             remove_stale_temp(self.ckpt_dir)
         if self.meta is None and main:
             if isinstance(self.corpus.tokenizer, BPETokenizer):
                 self.corpus.tokenizer.save(self.out / "tokenizer.json")
             write_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
-        self.trainer = self.backend.trainer(self.cfg, self.role)
-        self.last_saved = None
-        if self.meta is not None:
-            self.last_saved = restore_latest(self.trainer, self.ckpt_dir, main)["step"]
         self.trainer.open(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         start = self.trainer.step_count
-        self.writer = event_writer(self.out / "tb", start) if main else NullWriter()
+        self.writer = self._writer(start) if main else NullWriter()
         self.bar = tqdm(total=self.cfg.train.max_steps, initial=start, desc="train",
                         dynamic_ncols=True, mininterval=1.0, disable=not main)
         try:
@@ -320,16 +358,25 @@ class Run:
             self.trainer.wait()  # a save in flight holds finite parameters: let it commit
             self.writer.close()
 
+    def _writer(self, start: int) -> Loggers:
+        """Every chosen logger as one writer (`tnt.loggers`)."""
+        chosen = []
+        for name in self.loggers:
+            chosen.append(event_writer(self.out / "tb", start) if name == "tensorboard"
+                          else WandbLogger(self.out, self.cfg, start))
+        return Loggers(chosen)
+
     def _loop(self, start: int) -> float:
         cfg, t = self.cfg, self.cfg.train.resolved(self.cfg.model.norm)
         self.t = t
-        self.alphas = [n for n, s in param_specs(cfg.model).items() if s.kind == "alpha"]
         dynamics = Dynamics(cfg.model) if t.analysis_every else None
         print(f"TnT pretrain: backend={self.backend.name} arch={cfg.model.arch} "
               f"norm={cfg.model.norm} d_model={cfg.model.d_model} steps {start}->{t.max_steps} "
               f"run dir {self.out}", flush=True)
         if getattr(self.corpus.tokenizer, "note", None):
             print(self.corpus.tokenizer.note)
+        for note in self.corpus.notes:
+            print(note)
         val_loss = float("nan")
         self.tick = (time.perf_counter(), start)
         self.began = None  # wall clock for val/elapsed_sec, from the end of the first (compiling) step
@@ -357,7 +404,7 @@ class Run:
     def _guard(self, done: int, metrics: dict | None, params: bool = False,
                val_loss: float | None = None) -> None:
         """Raise Diverged, naming the last good checkpoint, when `divergence` finds a problem."""
-        problem = divergence(metrics, self.t.max_loss, self.trainer if params else None, val_loss)
+        problem = divergence(metrics, self.cfg, self.trainer if params else None, val_loss)
         if problem is None:
             return
         if self.last_saved is None:
@@ -379,8 +426,6 @@ class Run:
         self.writer.add_scalar("train/lr", lr, done)
         self.writer.add_scalar("train/tokens_per_sec", tps, done)
         self.writer.add_scalar("train/grad_norm", gnorm, done)
-        for name, value in alpha_means(self.trainer, self.alphas).items():
-            self.writer.add_scalar(f"alpha/{name}", value, done)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
 
     def _validate(self, done: int) -> float:
@@ -388,23 +433,35 @@ class Run:
         self._guard(done, None, val_loss=val_loss)
         self.writer.add_scalar("val/loss", val_loss, done)
         self.writer.add_scalar("val/elapsed_sec", time.perf_counter() - self.began, done)
+        if done == self.t.max_steps:  # before the last checkpoint commits: logged once, ever
+            self.writer.add_scalar("val/final_loss", val_loss, done)
         self.bar.write(f"step {done}: val loss {val_loss:.4f}")
+        if self.downstream is not None:
+            scores = self.downstream(self.trainer.model(), self.writer, done)
+            self.bar.write(f"step {done}: " + ", ".join(f"{task} {m} {v:.4f}" for task, ms in scores.items()
+                                                        for m, v in ms.items() if not m.endswith("_stderr")))
         return val_loss
 
     def _save(self, done: int) -> None:
-        self.writer.flush()  # everything the checkpoint covers is on disk before it commits
+        self.writer.flush()  # every step the checkpoint covers is on disk before it commits
         self.trainer.save(self.corpus.tokenizer.spec)
         self.last_saved = done
+
+    def _bits_per_byte(self, nats: float) -> str:
+        """The loss in bits per byte of the val split's text (tnt/units.py), comparable across
+        tokenizers; '?' when the split holds no text."""
+        n_tokens, n_bytes = len(self.corpus.val), self.corpus.split_bytes("val")
+        return f"{bits_per_byte(nats, n_tokens, n_bytes):.4f}" if n_tokens and n_bytes else "?"
 
     def _finish(self, start: int, val_loss: float) -> float:
         """The final validation loss (evaluated now if no step ran) and the end-of-run sample."""
         t = self.t
         self.bar.close()
         self.trainer.wait()
-        if start >= t.max_steps:
+        if start >= t.max_steps:  # a finished run, resumed: its final loss is logged already
             val_loss = self.trainer.evaluate(self.batches.eval_batches(t.eval_batches))
-        self.writer.add_scalar("val/final_loss", val_loss, t.max_steps)
-        print(f"final val loss {val_loss:.4f} after {t.max_steps} steps")
+        print(f"final val loss {val_loss:.4f} nats/token ({self._bits_per_byte(val_loss)} bits/byte) "
+              f"after {t.max_steps} steps")
         if self.cfg.train.sample_tokens:  # 0: no end-of-run sample
             print("sample:", repr(sample_text(self.trainer, self.cfg, self.corpus)))
         return val_loss

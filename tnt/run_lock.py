@@ -32,10 +32,15 @@ class RunLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
+        self._created = self._recorded = False
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self._created = True
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR)
         except OSError as e:
             raise ConfigError(f"cannot write the run folder --out {self.path.parent}: "
                               f"{e.strerror or e}") from e
@@ -51,6 +56,7 @@ class RunLock:
     def record(self) -> None:
         """Write this process into the lock file, for the message a second run gets. Separate
         from `acquire` so that a run refused for bad input leaves the folder byte for byte."""
+        self._recorded = True
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -60,7 +66,11 @@ class RunLock:
         return self._fd is not None
 
     def release(self) -> None:
+        """Drop the lock; a lock file this process created for a run it then refused goes too,
+        so that a refused command leaves the folder as it found it."""
         if self._fd is not None:
+            if self._created and not self._recorded:
+                self.path.unlink(missing_ok=True)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -29,6 +28,7 @@ from tnt_jax.generate import generate as _generate
 from tnt_jax.generate import inference
 from tnt_jax.model import TnT, merge_params, split_params
 from tnt_jax.optim import build_optimizer, convert_adam_moments
+from tnt_jax.score import label_logprobs
 from tnt_jax.train import TrainState, make_eval_step, make_train_step
 
 name = "jax"
@@ -47,6 +47,9 @@ class Trainer:
     name = name
 
     def __init__(self, cfg: RunConfig, mesh: Mesh | None = None) -> None:
+        if cfg.train.compile is False:  # true and none (auto) describe the jitted step
+            raise ConfigError("compile=false applies to --backend torch: the JAX train step is "
+                              "always compiled by XLA (jax.jit)")
         self.cfg = cfg
         self.mesh = mesh or sharding.build_mesh(sharding.MeshShape.parse("", jax.device_count()))
         sharding.check_fits(sharding.mesh_shape(self.mesh), cfg)
@@ -116,7 +119,7 @@ class Trainer:
         checkpoint.save(self.manager, step, self.state._asdict(), meta)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        checkpoint.wait(self.manager)
 
     def restore(self, path: str | Path) -> dict:
         step_dir, _ = checkpoint_io.find_checkpoint(path, self.name)
@@ -187,19 +190,8 @@ def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]
     return score
 
 
-@partial(jax.jit, static_argnums=0)
-def _label_logprobs(graphdef: nnx.GraphDef, params: dict, batch: dict) -> jax.Array:
-    model = merge_params(graphdef, params)
-    logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-    labels = batch["labels"]
-    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    return jnp.where(labels != model.cfg.pad_id, picked, 0.0)
-
-
 def token_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> np.ndarray:
-    graphdef, params = split_params(model)
-    return np.asarray(_label_logprobs(graphdef, params, _checked(model, batch)), np.float32)
+    return np.asarray(label_logprobs(model, batch)[0], np.float32)
 
 
 def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling, *,

@@ -21,6 +21,7 @@ from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
 from tnt.rope import reference_swap_table, rotate_half_tables
+from tnt_jax.attention import Mask, attend
 
 
 def l2norm(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -183,68 +184,6 @@ split_halves.defvjp(lambda x: (split_halves(x), None),
                     lambda _, cotangents: (jnp.concatenate(cotangents, axis=-1),))
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
-
-
-def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS, scale: float,
-           implementation: str = "auto") -> jax.Array:
-    """Softmax attention in v's dtype (the compute dtype) with float32 softmax statistics; a query
-    row whose keys are all masked outputs exactly 0 (docs/design.md, "Masks").
-
-    `implementation`: "einsum" (scores materialized, fastest on the CPU), "xla" or "cudnn"
-    (`jax.nn.dot_product_attention`; cuDNN's flash attention never holds the `[B, H, L, S]`
-    scores), or "auto": einsum on the CPU, cuDNN on a GPU for bf16/fp16 heads it supports, XLA
-    otherwise (docs/design.md, "Attention kernels").
-    """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
-    dtype = v_BxSxHxK.dtype
-    q, k = (q_BxLxHxK * scale).astype(dtype), k_BxSxHxK.astype(dtype)
-    if implementation == "auto":
-        y = _attend_auto(q, k, v_BxSxHxK, mask_BxLxS)
-    elif implementation == "einsum":
-        y = _attend_einsum(q, k, v_BxSxHxK, mask_BxLxS)
-    else:
-        y = jax.nn.dot_product_attention(q, k, v_BxSxHxK, mask=mask_BxLxS[:, None], scale=1.0,
-                                         implementation=implementation)
-    has_key_BxLx1x1 = jnp.any(mask_BxLxS, axis=-1)[:, :, None, None]
-    return jnp.where(has_key_BxLx1x1, y, jnp.zeros((), dtype))
-
-
-def _attend_auto(q, k, v, mask_BxLxS) -> jax.Array:
-    """The einsum path where only the CPU exists; on a machine with a GPU, the kernel is chosen
-    per platform at lowering (`lax.platform_dependent`), so CPU computations stay on einsum."""
-    if jax.default_backend() == "cpu":
-        return _attend_einsum(q, k, v, mask_BxLxS)
-    head_dim = q.shape[-1]
-    fused = ("cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-             and head_dim <= 128 else "xla")
-
-    def kernel(implementation: str):
-        return lambda q, k, v, mask: jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=1.0, implementation=implementation)
-
-    return jax.lax.platform_dependent(q, k, v, mask_BxLxS, cpu=_attend_einsum,
-                                      cuda=kernel(fused), default=kernel("xla"))
-
-
-def _attend_einsum(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxLxS) -> jax.Array:
-    """Cheaper on the [B, H, L, S] scores than the textbook order, same math: the scale has
-    multiplied q (L*dh numbers, not L*S), and the softmax's division is applied to the output
-    (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh divisions, not L*S). Scores and softmax
-    statistics are float32. Masked scores are set to the float minimum, so a fully masked row is
-    a uniform softmax, zeroed by `attend`."""
-    stats = jnp.promote_types(v_BxSxHxK.dtype, jnp.float32)  # float64 models stay float64
-    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=stats)
-    scores = jnp.where(mask_BxLxS[:, None], scores, jnp.finfo(scores.dtype).min)
-    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    total_BxLxHx1 = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)[..., None]
-    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", weights.astype(v_BxSxHxK.dtype), v_BxSxHxK,
-                           preferred_element_type=stats) / total_BxLxHx1
-    return y_BxLxHxK.astype(v_BxSxHxK.dtype)
-
-
 def _param(spec: ParamSpec, rngs: nnx.Rngs) -> nnx.Param:
     """Initialize one parameter from the shared table (ngpt matrices start on the unit sphere)."""
     if spec.init_std is None:
@@ -286,7 +225,7 @@ class Attention(nnx.Module):
         k = self._qk(self._heads(project(kv_BxSxD, self.wk[...], self.dtype)), rope, positions_BxS)
         return KVCache(k, self._heads(project(kv_BxSxD, self.wv[...], self.dtype)))
 
-    def __call__(self, x_BxLxD, kv_BxSxD, mask_BxLxS, rope: RoPE | None = None,
+    def __call__(self, x_BxLxD, kv_BxSxD, mask: Mask, rope: RoPE | None = None,
                  positions_BxL=None, cache: KVCache | None = None):
         """Returns (output [B, L, D], cache). With a cache, the keys of `kv` (if given) are
         written at `positions` first and the queries attend to the whole cache."""
@@ -299,7 +238,7 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = cache
         scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
-        y = attend(q, k, v, mask_BxLxS, scale)
+        y = attend(q, k, v, mask, scale)
         return project(y.reshape(B, L, D), self.wo[...], self.dtype), cache
 
 
@@ -445,20 +384,16 @@ class TnT(nnx.Module):
     def encode(self, enc_tokens_BxS: jax.Array) -> jax.Array:
         """The encoder output [B, S, D] (ngpt: unit vectors; rmsnorm: after the final norm)."""
         self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens")
-        valid_BxS = enc_tokens_BxS != self.cfg.pad_id
-        mask = jnp.broadcast_to(valid_BxS[:, None, :], (*enc_tokens_BxS.shape,
-                                                        enc_tokens_BxS.shape[1]))
+        mask = Mask(key_valid_BxS=enc_tokens_BxS != self.cfg.pad_id)
         return self.encoder(enc_tokens_BxS, mask, RoPE(self.cfg, enc_tokens_BxS.shape[1]))[0]
 
     def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None) -> jax.Array:
         self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens")
         L = dec_tokens_BxL.shape[1]
-        causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-        self_mask = causal_LxL[None] & (dec_tokens_BxL != self.cfg.pad_id)[:, None, :]
+        self_mask = Mask(key_valid_BxS=dec_tokens_BxL != self.cfg.pad_id, causal=True)
         cross_mask = None
         if enc_BxSxD is not None:
-            cross_mask = jnp.broadcast_to((enc_tokens_BxS != self.cfg.pad_id)[:, None, :],
-                                          (dec_tokens_BxL.shape[0], L, enc_tokens_BxS.shape[1]))
+            cross_mask = Mask(key_valid_BxS=enc_tokens_BxS != self.cfg.pad_id)
         h, _ = self.decoder(dec_tokens_BxL, self_mask, RoPE(self.cfg, L), enc_BxSxD, cross_mask)
         return self._logits(h)
 
@@ -499,12 +434,13 @@ class TnT(nnx.Module):
                 not isinstance(positions_BxT, jax.core.Tracer) and int(positions_BxT.max()) >= S):
             raise ValueError(f"positions must be [B, T] = {tokens_BxT.shape} within the cache's "
                              f"{S} columns (JAX would clamp), got {positions_BxT.shape}")
-        self_mask = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+        seen_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+        # one token per row sees a prefix of the cache: sequence lengths to the fused kernels
+        self_mask = (Mask(key_valid_BxS=seen_BxTxS[:, 0]) if tokens_BxT.shape[1] == 1
+                     else Mask(keep_BxLxS=seen_BxTxS))
         cross_mask = None
         if cache.enc_valid_BxS is not None:
-            B, T = tokens_BxT.shape
-            cross_mask = jnp.broadcast_to(cache.enc_valid_BxS[:, None, :],
-                                          (B, T, cache.enc_valid_BxS.shape[1]))
+            cross_mask = Mask(key_valid_BxS=cache.enc_valid_BxS)
         h, layers = self.decoder(tokens_BxT, self_mask, RoPE(self.cfg, S), None, cross_mask,
                                  positions_BxT, cache.layers)
         return self._logits(h), DecodeCache(layers, cache.enc_valid_BxS)

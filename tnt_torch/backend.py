@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tnt import checkpoint_io
 from tnt.backend import Launch, Role, env_int
@@ -24,6 +23,7 @@ from tnt_torch.generate import generate as _generate
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, to_canonical
 from tnt_torch.optim import TnTOptimizer
+from tnt_torch.score import label_logprobs
 from tnt_torch.train import accumulate_grads, configure_threads, token_sum, want_compile
 
 name = "torch"
@@ -33,16 +33,15 @@ class Trainer:
     """The training state of a torch run (`tnt.backend.Trainer`): the model, the `TnTOptimizer`
     and this rank's `distributed.Replica`.
 
-    With `compile=True` or `TNT_TORCH_COMPILE=1` the blocks go through `torch.compile` (see
-    `want_compile`); if the first compiled step fails (no C++ compiler, an unsupported
-    platform), the backend warns and continues eagerly. Compiled and eager steps differ by float
+    With `compile` on (the config field, `want_compile`) the blocks go through `torch.compile`,
+    also under DDP; if the first compiled step fails (no C++ compiler, an unsupported
+    platform), the trainer warns and continues eagerly. Compiled and eager steps differ by float
     rounding only.
     """
 
     name = name
 
-    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None,
-                 compile: bool | None = None) -> None:
+    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None) -> None:
         configure_threads()
         self.cfg = cfg
         if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
@@ -53,11 +52,7 @@ class Trainer:
         self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
         self.directory, self.keep = None, None
-        self.compiled = want_compile(compile)
-        if self.compiled and self.replica.fsdp:  # a rank falling back alone would desynchronize
-            warnings.warn("torch.compile is not applied under fsdp=true (untested with FSDP2's "
-                          "hooks); training eagerly", RuntimeWarning, stacklevel=2)
-            self.compiled = False
+        self.compiled = want_compile(cfg.train, self.device)
         self._unproven = self.compiled  # the first compiled step may still fall back
         if self.compiled:
             self.net.compile_blocks()
@@ -206,13 +201,7 @@ def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]
 
 @torch.no_grad()
 def token_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> np.ndarray:
-    model.eval()
-    tensors = _checked(model, batch)
-    logits = model(tensors.get("enc_tokens"), tensors["dec_tokens"])
-    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-    labels = tensors["labels"]
-    picked = logp.gather(-1, labels[..., None])[..., 0]
-    return picked.masked_fill(labels == model.cfg.pad_id, 0.0).cpu().numpy().astype(np.float32)
+    return np.asarray(label_logprobs(model, batch)[0], np.float32)
 
 
 def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling, *,

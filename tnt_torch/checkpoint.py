@@ -5,8 +5,9 @@ Layout: `RUN_DIR/checkpoints/<step>/{params.safetensors, optimizer.safetensors, 
 reads the same as a JAX export; `optimizer.safetensors` holds Adam's `exp_avg`, `exp_avg_sq` and
 `step` per canonical name. A step is written into a hidden temporary folder and renamed into
 place with `os.replace`, so a crash never leaves a half-written step that looks complete; only
-the last `keep` steps are kept. The metadata is `tnt.checkpoint_meta`'s, shared with JAX;
-locating and reading checkpoints is `tnt.checkpoint_io`'s.
+the last `keep` steps are kept, pruned through `tnt.checkpoint_io.prune` (renamed aside before
+they are deleted). The metadata is `tnt.checkpoint_meta`'s, shared with JAX; locating and
+reading checkpoints is `tnt.checkpoint_io`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from tnt import checkpoint_io
 from tnt.backend import Loaded
 from tnt.checkpoint_io import read_for_model
-from tnt.checkpoint_meta import CheckpointError, kill_point
+from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError, custom_loop_meta, kill_point, reason
 from tnt.config import ModelConfig
 
 PARAMS_FILE = "params.safetensors"
@@ -41,21 +42,27 @@ def _fsync(path: Path) -> None:
 
 def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
          optimizer: dict[str, np.ndarray], meta: dict, keep: int | None = None) -> Path:
-    """Write step `step` atomically under `directory` and keep only the last `keep` steps."""
+    """Write step `step` atomically under `directory` and keep only the last `keep` steps. A
+    write that fails (a full disk) is a CheckpointWriteError, its temp folder removed."""
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / str(int(step))
     tmp = directory / f".tmp-{int(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: np.asarray(v, np.float32, order="C") for k, v in params.items()},
-              str(tmp / PARAMS_FILE), metadata={"format": "tnt-canonical-params"})
-    save_file({k: np.asarray(v, np.float32, order="C") for k, v in optimizer.items()},
-              str(tmp / OPTIMIZER_FILE), metadata={"format": "tnt-adam-state"})
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    for name in (PARAMS_FILE, OPTIMIZER_FILE, META_FILE):
-        _fsync(tmp / name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: np.asarray(v, np.float32, order="C") for k, v in params.items()},
+                  str(tmp / PARAMS_FILE), metadata={"format": "tnt-canonical-params"})
+        save_file({k: np.asarray(v, np.float32, order="C") for k, v in optimizer.items()},
+                  str(tmp / OPTIMIZER_FILE), metadata={"format": "tnt-adam-state"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        for name in (PARAMS_FILE, OPTIMIZER_FILE, META_FILE):
+            _fsync(tmp / name)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint step {int(step)} in {directory}: "
+                                   f"{reason(e)}; the steps committed before it are intact") from e
     kill_point(f"save:{int(step)}")
     if final.exists():  # re-saving a step: move the old one aside, then drop it
         old = directory / f".old-{int(step)}-{os.getpid()}"
@@ -67,7 +74,7 @@ def save(directory: str | Path, step: int, params: dict[str, np.ndarray],
     _fsync(directory)
     if keep is not None:
         for old_step, _ in checkpoint_io.committed(directory)[keep:]:  # newest first
-            shutil.rmtree(old_step, ignore_errors=True)
+            checkpoint_io.prune(old_step)
     return final
 
 
@@ -111,3 +118,14 @@ def load_checkpoint(path: str | Path, expect: ModelConfig | None = None):
     """
     loaded = load(path, expect)
     return loaded.model, loaded.cfg, loaded.tokenizer
+
+
+def save_checkpoint(path: str | Path, model, cfg, tokenizer, step: int) -> Path:
+    """Save a custom training loop's `model` as step `step` of the run folder `path` (its
+    `checkpoints/<step>/`, committed atomically) with `cfg` (the RunConfig or the model's
+    ModelConfig) and `tokenizer`. `load_checkpoint`, `experiments.generate` and either framework
+    read it; it holds no optimizer state, so pretrain cannot `--resume` from it."""
+    from tnt_torch.model import to_canonical
+
+    meta = custom_loop_meta("torch", step, cfg, model.cfg, tokenizer)
+    return save(Path(path) / "checkpoints", step, to_canonical(model), {}, meta)

@@ -170,12 +170,27 @@ class TnTForSeq2SeqLM(TnTPreTrainedModel, GenerationMixin):
                 **kwargs) -> Seq2SeqLMOutput:
         if encoder_outputs is None:
             encoder_outputs = self.get_encoder()(input_ids, attention_mask)
+        targets = None
+        if decoder_input_ids is None and labels is not None:  # transformers' seq2seq convention
+            decoder_input_ids, decoder_attention_mask, targets = self._after_bos(labels)
         if decoder_input_ids is None:
-            raise ValueError("TnTForSeq2SeqLM needs decoder_input_ids (decoding starts from bos)")
+            raise ValueError("TnTForSeq2SeqLM needs decoder_input_ids or labels (decoding starts from bos)")
         logits, cache = self._decode(decoder_input_ids, decoder_attention_mask, cache, use_cache,
                                      encoder_outputs)
-        return Seq2SeqLMOutput(loss=self._loss(logits, labels), logits=logits, cache=cache,
+        loss = self._loss(logits, labels) if targets is None else F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, cache=cache,
                                encoder_last_hidden_state=encoder_outputs.last_hidden_state)
+
+    def _after_bos(self, labels_BxL: torch.Tensor):
+        """Labels given as targets (lm-eval's seq2seq scoring, training loops): the decoder reads
+        `[bos] + labels[:-1]` and predicts `labels`; -100 and pad are padding."""
+        pad, bos = self.model.cfg.pad_id, self.model.cfg.bos_id
+        real = labels_BxL.masked_fill(labels_BxL == -100, pad)
+        start = torch.full_like(real[:, :1], bos)
+        dec = torch.cat([start, real[:, :-1]], dim=1)
+        mask = torch.cat([torch.ones_like(start), (real[:, :-1] != pad).long()], dim=1)
+        return dec, mask, real.masked_fill(real == pad, -100)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None,
                                       attention_mask=None, use_cache=None, encoder_outputs=None,

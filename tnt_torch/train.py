@@ -13,33 +13,36 @@ import os
 
 import torch
 
-from tnt.config import microbatch_rows
+from tnt.config import TrainConfig, microbatch_rows
+from tnt.threads import available_cores
 from tnt_torch import distributed
 from tnt_torch.model import TnT, loss_fn
 
 
 def configure_threads() -> None:
-    """Use every core for intra-op parallelism on the CPU unless the user chose otherwise."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if n and torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+    """Intra-op threads: `OMP_NUM_THREADS` (`--threads`, `tnt.threads`) when set, else every core
+    this process may use; inter-op threads at most as many (settable once, before any parallel
+    work: left as they are after that)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    n = int(env) if env.isdigit() and int(env) > 0 else available_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if torch.get_num_interop_threads() > n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # the inter-op pool has started already
+            pass
 
 
-COMPILE_ENV = "TNT_TORCH_COMPILE"
-
-
-def want_compile(compile: bool | None = None) -> bool:
-    """Whether to compile the blocks: the argument, else `TNT_TORCH_COMPILE=1`; off by default.
-
-    Measured on the 2-core CPU, decoder_only d256 L4 H4, batch 8 x 256, vocab 320
-    (`experiments.bench`): eager 365 ms/step (5.6k tok/s), compiled 350-360 ms/step; one thread:
-    10-15% less CPU time per step, also on the `cpu` preset. The first compile costs 30-40 s (2-3 s
-    once inductor's on-disk cache is warm), so it pays only for runs of many minutes.
-    """
-    if compile is not None:
-        return compile
-    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile the blocks: the `compile` field, or with `compile=none`, on for CUDA and
+    off elsewhere: on the CPU the first compiled step costs tens of seconds to minutes for a
+    small gain (README, "torch.compile"); on a GPU inductor fuses the many elementwise ops of
+    the normalized residual, RoPE and the q/k norms into few kernels. FSDP2 with compile is
+    refused by the config (`TrainConfig`)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type == "cuda" and not cfg.fsdp
 
 
 def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
