@@ -33,6 +33,7 @@ from tnt import analysis
 from tnt.checkpoint_meta import CheckpointError
 from tnt.checkpoints import Checkpoint, locate, read_checkpoint
 from tnt.config import ConfigError
+from tnt.params import param_specs
 
 FIGSIZE, DPI = (12.0, 5.0), 100  # every PNG is 1200 x 500 pixels
 CURVE_TAGS = ("train/loss", "val/loss", "train/lr", "train/tokens_per_sec")
@@ -81,14 +82,14 @@ def plot_layer_table(tables: dict[str, dict[str, np.ndarray]], title: str, ylabe
     return fig
 
 
-def plot_eigen_lrs(params) -> Figure | None:
-    return plot_layer_table(analysis.eigen_lrs(params),
+def plot_eigen_lrs(params, specs) -> Figure | None:
+    return plot_layer_table(analysis.eigen_lrs(params, specs),
                             "Eigen learning rates |alpha| per layer (mean, bar = std over d)",
                             "|alpha|")
 
 
-def plot_scalers(params) -> Figure | None:
-    per_layer, glob = analysis.scalers(params), analysis.global_scalers(params)
+def plot_scalers(params, specs) -> Figure | None:
+    per_layer, glob = analysis.scalers(params, specs), analysis.global_scalers(params, specs)
     stacks = [s for s, t in per_layer.items() if t]
     if not stacks and not glob:
         return None
@@ -110,14 +111,14 @@ def plot_scalers(params) -> Figure | None:
         ax.set_xlabel("value")
         ax.set_ylabel("count")
         ax.legend(fontsize=8)
-    ngpt = analysis.is_ngpt(params)
+    ngpt = analysis.is_ngpt(specs)
     fig.suptitle("nGPT scalers (stored values; the MLP gate uses s_uv * sqrt(d_model))" if ngpt
                  else "RMSNorm gains per layer")
     return fig
 
 
-def plot_condition_numbers(params, cond: dict | None = None) -> Figure | None:
-    return plot_layer_table(cond if cond is not None else analysis.condition_numbers(params),
+def plot_condition_numbers(params, specs, cond: dict | None = None) -> Figure | None:
+    return plot_layer_table(cond if cond is not None else analysis.condition_numbers(params, specs),
                             "Condition numbers sigma_max / sigma_min of the attention and MLP "
                             "matrices", "condition number (log)", log=True)
 
@@ -222,14 +223,15 @@ def views(ckpt: Checkpoint | None, curves, stats: dict | None = None, cond: dict
     """file name -> (caption, figure or None when the view does not apply)."""
     out: dict[str, tuple[str, Figure | None]] = {}
     if ckpt is not None:
-        p = ckpt.params
-        stats = stats if stats is not None else analysis.embedding_stats(p)
+        p, specs = ckpt.params, param_specs(ckpt.config.model)
+        stats = stats if stats is not None else analysis.embedding_stats(p, specs)
         out["eigen_lrs.png"] = ("Eigen learning rates |alpha| (attention, cross-attention, MLP)",
-                                plot_eigen_lrs(p))
-        out["scalers.png"] = ("Scalers s_qk, s_u, s_v, s_z (stored values)" if analysis.is_ngpt(p)
-                              else "RMSNorm gains", plot_scalers(p))
+                                plot_eigen_lrs(p, specs))
+        out["scalers.png"] = ("Scalers s_qk, s_u, s_v, s_z (stored values)"
+                              if analysis.is_ngpt(specs) else "RMSNorm gains",
+                              plot_scalers(p, specs))
         out["condition_numbers.png"] = ("Condition numbers of Q/K/V/output and MLP matrices",
-                                        plot_condition_numbers(p, cond))
+                                        plot_condition_numbers(p, specs, cond))
         out["embedding_norms.png"] = ("Embedding norms", plot_embedding_norms(stats))
         out["embedding_spectrum.png"] = ("Embedding covariance spectrum / median",
                                          plot_embedding_spectrum(stats))
@@ -281,9 +283,10 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
         raise ConfigError("--out is empty; name the analysis folder (or leave --out out)")
     path = Path(path).absolute()
     ckpt = read_checkpoint(path) if locate(path) is not None else None
+    specs = param_specs(ckpt.config.model) if ckpt is not None else None
     if ckpt is not None:  # every view is about tokens: the pad id is not one
         ckpt = dataclasses.replace(ckpt, params=analysis.token_params(
-            ckpt.params, ckpt.config.model.pad_id))
+            ckpt.params, specs, ckpt.config.model.pad_id))
     run_dir = ckpt.run_dir if ckpt is not None else path
     tb = run_dir / "tb" if run_dir is not None else None
     curves = read_scalars(tb) if tb is not None and tb.is_dir() else {}
@@ -292,8 +295,8 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
     if out is None:  # beside the run, or beside a bare step folder (never inside a checkpoint)
         out = run_dir / "analysis" if run_dir else ckpt.step_dir.parent / f"analysis-{ckpt.step}"
     out = writable_folder(Path(out))
-    stats = analysis.embedding_stats(ckpt.params) if ckpt is not None else None
-    cond = analysis.condition_numbers(ckpt.params) if ckpt is not None else None
+    stats = analysis.embedding_stats(ckpt.params, specs) if ckpt is not None else None
+    cond = analysis.condition_numbers(ckpt.params, specs) if ckpt is not None else None
     images, skipped = {}, []
     for name, (caption, fig) in views(ckpt, curves, stats, cond).items():
         if fig is None:
@@ -312,7 +315,7 @@ def analyze(path: str | Path, out: str | Path | None = None) -> Path:
                       "model": f"{m.arch}, {m.norm}, d_model {m.d_model}, {m.n_heads} heads, "
                                f"{m.n_encoder_layers if m.has_encoder else 0}+{m.n_decoder_layers} "
                                f"layers, F {m.hidden}, vocab {m.vocab_size}"})
-        numbers.update(analysis.key_numbers(ckpt.params, cond, stats))
+        numbers.update(analysis.key_numbers(ckpt.params, specs, cond, stats))
     try:
         (out / "numbers.json").write_text(json.dumps({"facts": facts, "numbers": numbers}, indent=1))
         return write_report(out, f"TnT analysis: {run_dir.name if run_dir else path.name}", facts,

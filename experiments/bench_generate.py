@@ -3,7 +3,7 @@
 Builds the model of a preset (random init, `--set` overrides) or loads `--ckpt`, makes a random
 prompt of `--prompt-len` ids, and times `generate` making exactly `--new-tokens` tokens per row
 (eos does not stop it) with the caches (`use_cache=True`) and with the whole model recomputed for
-every token (`use_cache=False`). Each mode runs once untimed first (JAX
+every token (`use_cache=False`, the baseline). Each mode runs once untimed first (JAX
 compiles there); the report is the median of `--repeats` timed runs, as one JSON object:
 
     python -m experiments.bench generate --backend jax          # cpu preset, 256 new tokens

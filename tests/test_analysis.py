@@ -73,36 +73,51 @@ def test_eigen_lrs_scalers_and_split_of_s_uv():
     F = cfg.hidden
     p["decoder.layers.1.mlp.s_uv"] = np.r_[np.full(F, 1.0), np.full(F, 3.0)].astype(np.float32)
     p["decoder.layers.0.cross.alpha"] = np.r_[np.full(16, -0.1), np.full(16, 0.3)].astype(np.float32)
-    lrs = analysis.eigen_lrs(p)
+    specs = param_specs(cfg)
+    lrs = analysis.eigen_lrs(p, specs)
     assert set(lrs) == {"encoder", "decoder"} and set(lrs["decoder"]) == {"attn", "cross", "mlp"}
     np.testing.assert_allclose(lrs["decoder"]["cross"][0], [0.2, 0.1])  # |alpha|: mean, std
-    sc = analysis.scalers(p)
+    sc = analysis.scalers(p, specs)
     np.testing.assert_allclose(sc["decoder"]["mlp.s_u"][1], [1.0, 0.0])
     np.testing.assert_allclose(sc["decoder"]["mlp.s_v"][1], [3.0, 0.0])
     assert set(sc["decoder"]) == {"attn.s_qk", "cross.s_qk", "mlp.s_u", "mlp.s_v"}
-    cond = analysis.condition_numbers(p)
+    cond = analysis.condition_numbers(p, specs)
     assert set(cond["decoder"]) == {f"{b}.{w}" for b in ("attn", "cross") for w in
-                                    analysis.ATTN_MATRICES} | {"mlp.w_in", "mlp.w_out"}
+                                    ("wq", "wk", "wv", "wo")} | {"mlp.w_in", "mlp.w_out"}
     assert cond["decoder"]["attn.wq"].shape == (2,) and np.all(cond["decoder"]["attn.wq"] >= 1)
 
 
 def test_rmsnorm_gets_what_applies():
-    p = random_params(tiny_config(norm="rmsnorm"))
-    assert analysis.eigen_lrs(p) == {} and not analysis.is_ngpt(p)
-    assert set(analysis.scalers(p)["decoder"]) == {"attn_norm", "cross_norm", "mlp_norm"}
-    assert analyze.plot_eigen_lrs(p) is None
-    assert analyze.plot_scalers(p) is not None and analyze.plot_condition_numbers(p) is not None
+    cfg = tiny_config(norm="rmsnorm")
+    p, specs = random_params(cfg), param_specs(cfg)
+    assert analysis.eigen_lrs(p, specs) == {} and not analysis.is_ngpt(specs)
+    assert set(analysis.scalers(p, specs)["decoder"]) == {"attn_norm", "cross_norm", "mlp_norm"}
+    assert analyze.plot_eigen_lrs(p, specs) is None
+    assert (analyze.plot_scalers(p, specs) is not None
+            and analyze.plot_condition_numbers(p, specs) is not None)
 
 
 def test_norms_plot_of_unit_norm_embedding_is_flat_at_one():
-    p = random_params(tiny_config(arch="decoder_only"))
-    fig = analyze.plot_embedding_norms(analysis.embedding_stats(p))
+    cfg = tiny_config(arch="decoder_only")
+    fig = analyze.plot_embedding_norms(analysis.embedding_stats(random_params(cfg), param_specs(cfg)))
     ax = fig.axes[0]
     y = ax.lines[0].get_ydata()
     assert len(y) == 40
     np.testing.assert_allclose(y, 1.0, atol=1e-6)
     lo, hi = ax.get_ylim()
     assert lo < 1.0 < hi
+
+
+def test_token_params_drop_the_pad_along_every_vocabulary_axis():
+    cfg = tiny_config()
+    p = random_params(cfg)
+    out = analysis.token_params(p, param_specs(cfg), pad_id=3)
+    V = cfg.vocab_size
+    assert out["encoder.embed"].shape[0] == out["decoder.embed"].shape[0] == V - 1
+    assert out["lm_head"].shape[1] == V - 1 and out["s_z"].shape == (V - 1,)
+    np.testing.assert_array_equal(out["lm_head"], np.delete(p["lm_head"], 3, axis=1))
+    np.testing.assert_array_equal(out["decoder.embed"][3], p["decoder.embed"][4])
+    assert out["decoder.layers.0.attn.wq"] is p["decoder.layers.0.attn.wq"]
 
 
 def test_dynamics_layers_and_values():
@@ -174,9 +189,10 @@ def test_alphas_read_back_equal_the_model(run_dir):
     held = module.to_canonical(model)
     alphas = [n for n in held if n.endswith(".alpha")]
     assert bool(alphas) == (norm == "ngpt")
-    for name in alphas + analysis.scaler_names(held):
+    specs = param_specs(ckpt.config.model)
+    for name in alphas + analysis.scaler_names(specs):
         np.testing.assert_array_equal(ckpt.params[name], held[name], err_msg=name)
-    for stack, blocks in analysis.eigen_lrs(ckpt.params).items():
+    for stack, blocks in analysis.eigen_lrs(ckpt.params, specs).items():
         for block, table in blocks.items():
             for i, (mean, _) in enumerate(table):
                 assert mean == pytest.approx(np.abs(held[f"{stack}.layers.{i}.{block}.alpha"]).mean())

@@ -53,7 +53,7 @@ def test_boolean_fields_read_yes_and_no_words(word, value):
 
 @pytest.mark.parametrize("word", ["maybe", "", "ture", "2"])
 def test_boolean_fields_refuse_other_words(word):
-    """A word other than a boolean (`fsdp=maybe`) is refused, not read as false."""
+    """`fsdp=maybe` must not read as false and train without FSDP2."""
     with pytest.raises(ConfigError, match=f"fsdp={word!r} is not a valid bool"):
         build_run_config("cpu", sets=[f"fsdp={word}"])
 
@@ -121,6 +121,38 @@ def test_cpu_preset_rates_per_norm_and_sample_temperature():
         assert build_run_config("cpu", {"norm": norm, "lr": None}).train.lr is None  # a saved config
     with pytest.raises(ConfigError, match="sample_temperature must be >= 0"):
         build_run_config("cpu", sets=["sample_temperature=-1"])
+
+
+def test_param_table_states_the_structure_its_names_spell():
+    for cfg in (ModelConfig(), ModelConfig(norm="rmsnorm"), ModelConfig(arch="decoder_only")):
+        for name, s in param_specs(cfg).items():
+            layer = () if s.layer is None else ("layers", str(s.layer))
+            module = () if s.block is None and s.kind != "norm_scale" else (
+                (f"{s.block}_norm" if s.block else "final_norm") if s.kind == "norm_scale"
+                else s.block,)
+            assert name == ".".join(p for p in (s.stack, *layer, *module, s.attr) if p), name
+            assert len(s.axes) == len(s.shape), name
+            assert (s.project_axis is None) == (cfg.norm != "ngpt" or not s.is_matrix), name
+            if s.project_axis is not None:
+                assert s.axes[s.project_axis] == "embed", name
+    specs = param_specs(ModelConfig(d_model=64, n_heads=4))
+    s = specs["decoder.layers.1.cross.s_qk"]
+    assert (s.stack, s.layer, s.block, s.kind, s.axes) == ("decoder", 1, "cross", "s_qk", ("heads",))
+    assert specs["lm_head"].axes == ("embed", "vocab") and specs["s_z"].stack is None
+    assert specs["encoder.layers.0.mlp.w_out"].axes == ("mlp", "embed")
+    assert {s.kind for s in specs.values()} == {"embed", "matrix", "lm_head", "alpha", "s_qk",
+                                                "s_uv", "s_z"}
+
+
+def test_one_name_check_names_missing_and_unexpected():
+    from tnt.params import check_names
+
+    cfg = ModelConfig(arch="decoder_only", n_decoder_layers=1)
+    names = [n for n in param_specs(cfg) if n != "s_z"] + ["decoder.bogus"]
+    with pytest.raises(KeyError, match=r"optimizer state do not match.*missing: s_z; unexpected: "
+                                       r"decoder\.bogus"):
+        check_names(names, cfg, "optimizer state")
+    check_names(list(param_specs(cfg)), cfg)
 
 
 def test_unknown_field_suggests_the_closest():

@@ -21,7 +21,7 @@ from tnt.config import ConfigError, RunConfig, TrainConfig
 from tnt_jax.backend import Trainer as JaxTrainer
 from tnt_jax.model import TnT, split_params
 from tnt_jax.optim import build_optimizer
-from tnt_jax.train import TrainState, accumulated_grads, make_train_step
+from tnt_jax.train import TrainState, accumulated_grads, make_eval_step, make_train_step
 from tnt_torch.backend import Trainer as TorchTrainer
 from tnt_torch.train import accumulate_grads, microbatches
 
@@ -156,6 +156,8 @@ def test_bad_grad_accum_is_refused():
     batch = {k: jnp.asarray(v) for k, v in padded_batch(cfg, 0).items()}
     with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
         step(state, batch)
+    with pytest.raises(ValueError, match="not divisible by grad_accum=3"):  # evaluation too
+        make_eval_step(graphdef, 3)(params, batch)
     with pytest.raises(ValueError, match="grad_accum=3"):
         microbatches({"labels": torch.zeros(8, 2)}, 3)
 
@@ -180,7 +182,7 @@ def test_evaluation_runs_microbatches_and_gives_the_big_batch_loss(framework, mo
         rows = []
         real = torch_train_module.loss_fn
         monkeypatch.setattr(torch_train_module, "loss_fn",
-                            lambda model, b: rows.append(len(b["labels"])) or real(model, b))
+                            lambda model, b, **kw: rows.append(len(b["labels"])) or real(model, b, **kw))
         backends = [TorchTrainer(run_config("encoder_decoder", "ngpt", n), device="cpu")
                     for n in (1, 4)]
     one, four = (b.evaluate(iter(batches)) for b in backends)

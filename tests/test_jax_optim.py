@@ -153,3 +153,13 @@ def test_tiny_model_overfits_a_fixed_batch(norm, rng):
     _, _, _, losses = run_steps(cfg, TrainConfig(lr=lr, warmup_steps=0, max_steps=200),
                                 batch_for(cfg, rng, B=2), 120)
     assert losses[0] > 3.0 and losses[-1] < 0.3 * losses[0], losses[::20]
+
+
+def test_optimizer_refuses_parameters_of_another_config():
+    cfg = tiny_config("decoder_only", "ngpt")
+    params = {n: jnp.zeros(s.shape) for n, s in param_specs(cfg).items()}
+    tx = build_optimizer(tiny_config("encoder_decoder", "ngpt"), TrainConfig())
+    with pytest.raises(KeyError, match="optimizer parameters do not match the config.*missing: "
+                                       "encoder.embed"):
+        tx.init(params)
+    build_optimizer(cfg, TrainConfig()).init(params)

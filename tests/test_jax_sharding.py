@@ -168,13 +168,24 @@ def test_every_parameter_has_a_rule_and_matrices_are_fsdp_sharded_on_d_model():
     for norm in ("ngpt", "rmsnorm"):
         cfg = build_run_config("cpu-tiny", sets=[f"norm={norm}"]).model
         for name, spec in param_specs(cfg).items():
-            p = partition_spec(name)
+            p = partition_spec(spec)
             assert len(p) == len(spec.shape), name
             if spec.is_matrix:  # the d_model axis (nGPT's projection axis) is the fsdp one
                 d_axis = 1 if name.endswith((".wo", ".w_out", ".embed")) else 0
                 assert p[d_axis] == "fsdp", name
                 if spec.project_axis is not None:
                     assert spec.project_axis == d_axis, name
+            heads = {"wq": (None, "tensor"), "wk": (None, "tensor"), "wv": (None, "tensor"),
+                     "wo": ("tensor", None), "w_in": (None, "tensor"), "w_out": ("tensor", None),
+                     "s_qk": ("tensor",), "s_uv": ("tensor",)}.get(spec.attr, (None,) * len(p))
+            assert tuple(a if a == "tensor" else None for a in p) == heads, name
+
+
+def test_a_logical_axis_without_a_rule_is_named():
+    from tnt.params import ParamSpec
+
+    with pytest.raises(KeyError, match="logical axis 'stream' of parameter x"):
+        partition_spec(ParamSpec("x", (4,), "alpha", ("stream",)), rules={"embed": "fsdp"})
 
 
 def test_pretrain_refuses_a_bad_mesh_with_one_error_line(tmp_path, capsys):

@@ -156,6 +156,24 @@ def test_bad_token_ids_are_refused_at_the_boundary(rng):
     assert backend.step_count == 0
 
 
+def test_ids_are_checked_once_where_the_batch_enters(rng, monkeypatch):
+    """The model's own id check (a device read) is not repeated per microbatch by the train and
+    evaluation steps: their batches were checked on the host by `_put`."""
+    cfg = run_config("encoder_decoder", "ngpt", grad_accum=2)
+    backend = TorchTrainer(cfg)
+    batch = batch_for(cfg, rng)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the forward read the token ids back")
+
+    monkeypatch.setattr(torch, "aminmax", no_read)
+    backend.step(batch)
+    backend.evaluate([batch])
+    with pytest.raises(AssertionError, match="read the token ids back"):  # the public forward checks
+        backend.net(torch.from_numpy(batch["enc_tokens"]), torch.from_numpy(batch["dec_tokens"]))
+    assert backend.step_count == 1
+
+
 def test_evaluate_is_the_token_weighted_mean(rng):
     cfg = run_config()
     backend = TorchTrainer(cfg)

@@ -2,8 +2,10 @@
 
 Every function takes the flat canonical dict (`tnt/params.py`: `decoder.layers.0.attn.alpha`,
 `lm_head` `[d, V]`, ...) as numpy arrays, so a checkpoint of either backend, or a live model's
-`backend.arrays(...)`, can be studied the same way. The views follow the nGPT paper's analysis
-(Loshchilov et al. 2024, section 4 and appendix): eigen learning rates `|alpha|` per layer, the
+`backend.arrays(...)`, can be studied the same way, and the config's parameter table
+(`tnt.params.param_specs`), whose fields (stack, layer, block, kind, axes) say what each array
+is. The views follow the nGPT paper's analysis (Loshchilov et al. 2024, section 4 and
+appendix): eigen learning rates `|alpha|` per layer, the
 scaling factors `s_qk`, `s_u`, `s_v`, `s_z`, condition numbers of the attention and MLP matrices,
 and the norms, covariance spectrum and pairwise cosine similarities of the embeddings.
 
@@ -17,15 +19,13 @@ scalers and every matrix and embedding view.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-ATTN_MATRICES = ("wq", "wk", "wv", "wo")
-MLP_MATRICES = ("w_in", "w_out")
-BLOCKS = ("attn", "cross", "mlp")
-_LAYER = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.")
+from tnt.params import SCALER_KINDS, ParamSpec
+
+Specs = dict[str, ParamSpec]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +57,9 @@ def condition_number(w: np.ndarray, fast: bool = False) -> float:
     return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
 
 
-def embedding_rows(name: str, w: np.ndarray) -> np.ndarray:
+def embedding_rows(spec: ParamSpec, w: np.ndarray) -> np.ndarray:
     """The `[V, d]` token vectors of an embedding: `*.embed` as stored, `lm_head` `[d, V]` transposed."""
-    return np.asarray(w).T if name == "lm_head" else np.asarray(w)
+    return np.asarray(w) if spec.axes[0] == "vocab" else np.asarray(w).T
 
 
 def row_norms(x: np.ndarray) -> np.ndarray:
@@ -105,21 +105,20 @@ def spread(x: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model's structure, read from the names
+# The model's structure, read from the parameter table
 
 
-def layers(params) -> dict[str, int]:
-    """Number of layers per stack present in `params` (`{"encoder": 2, "decoder": 2}`)."""
+def layers(specs: Specs) -> dict[str, int]:
+    """Number of layers per stack (`{"encoder": 2, "decoder": 2}`)."""
     out: dict[str, int] = {}
-    for name in params:
-        m = _LAYER.match(name)
-        if m:
-            out[m.group(1)] = max(out.get(m.group(1), 0), int(m.group(2)) + 1)
+    for s in specs.values():
+        if s.layer is not None:
+            out[s.stack] = max(out.get(s.stack, 0), s.layer + 1)
     return {s: out[s] for s in ("encoder", "decoder") if s in out}
 
 
-def is_ngpt(params) -> bool:
-    return "s_z" in params
+def is_ngpt(specs: Specs) -> bool:
+    return any(s.kind == "s_z" for s in specs.values())
 
 
 def split_s_uv(s_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,107 +127,104 @@ def split_s_uv(s_uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s_uv[:f], s_uv[f:]
 
 
-def matrix_names(params, stacks: dict[str, list[int]] | None = None) -> list[str]:
-    """The attention and MLP matrices present, optionally only for some layers of each stack."""
-    out = []
-    for stack, n in layers(params).items():
-        for i in (stacks or {}).get(stack, range(n)):
-            for block in ("attn", "cross"):
-                out += [f"{stack}.layers.{i}.{block}.{w}" for w in ATTN_MATRICES
-                        if f"{stack}.layers.{i}.{block}.{w}" in params]
-            out += [f"{stack}.layers.{i}.mlp.{w}" for w in MLP_MATRICES]
-    return [n for n in out if n in params]
+def matrix_names(specs: Specs, stacks: dict[str, list[int]] | None = None) -> list[str]:
+    """The attention and MLP matrices, stack by stack and layer by layer, optionally only for
+    some layers of each stack (`{stack: [layer indices]}`)."""
+    return [n for n, s in specs.items() if s.kind == "matrix"
+            and (stacks is None or s.stack not in stacks or s.layer in stacks[s.stack])]
 
 
-def scaler_names(params) -> list[str]:
+def scaler_names(specs: Specs) -> list[str]:
     """Every scaler vector: alphas, s_qk, s_uv, s_z (ngpt) or the RMSNorm gains (rmsnorm)."""
-    keep = (".alpha", ".s_qk", ".s_uv", ".scale")
-    return [n for n in params if n == "s_z" or n.endswith(keep)]
+    return [n for n, s in specs.items() if s.kind in SCALER_KINDS]
 
 
-def token_params(params, pad_id: int) -> dict[str, np.ndarray]:
-    """`params` without the pad id's embedding rows, lm_head column and `s_z` entry: the views
-    describe tokens, and the pad is none (never a training input or target; an imported model's
-    is an appended placeholder whose logit is 0, docs/design.md "Special ids")."""
+def token_params(params, specs: Specs, pad_id: int) -> dict[str, np.ndarray]:
+    """`params` without the pad id's entry along every vocabulary axis (embedding rows, lm_head
+    column, `s_z`): the views describe tokens, and the pad is none (never a training input or
+    target; an imported model's is an appended placeholder whose logit is 0, docs/design.md
+    "Special ids")."""
     out = dict(params)
-    for name in ("encoder.embed", "decoder.embed"):
-        if name in out:
-            out[name] = np.delete(out[name], pad_id, axis=0)
-    out["lm_head"] = np.delete(out["lm_head"], pad_id, axis=1)
-    if "s_z" in out:
-        out["s_z"] = np.delete(out["s_z"], pad_id)
+    for name, s in specs.items():
+        if "vocab" in s.axes:
+            out[name] = np.delete(out[name], pad_id, axis=s.axes.index("vocab"))
     return out
 
 
-def embedding_names(params) -> list[str]:
-    return [n for n in ("encoder.embed", "decoder.embed", "lm_head") if n in params]
+def embedding_names(specs: Specs) -> list[str]:
+    """The token embeddings of each stack, then lm_head (the output embedding)."""
+    return [n for n, s in specs.items() if s.kind == "embed"] + [
+        n for n, s in specs.items() if s.kind == "lm_head"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-layer tables
 
 
-def eigen_lrs(params) -> dict[str, dict[str, np.ndarray]]:
+def _per_layer(specs: Specs, kind: str):
+    """(stack, n_layers, block, [spec of each layer]) for every stack and block holding `kind`."""
+    n_layers = layers(specs)
+    found: dict[tuple[str, str], dict[int, ParamSpec]] = {}
+    for s in specs.values():
+        if s.kind == kind and s.layer is not None:
+            found.setdefault((s.stack, s.block), {})[s.layer] = s
+    for (stack, block), by_layer in found.items():
+        n = n_layers[stack]
+        if len(by_layer) == n:
+            yield stack, block, [by_layer[i] for i in range(n)]
+
+
+def _mean_std(v) -> list[float]:
+    v = np.asarray(v, np.float64)
+    return [v.mean(), v.std()]
+
+
+def eigen_lrs(params, specs: Specs) -> dict[str, dict[str, np.ndarray]]:
     """`{stack: {block: array [n_layers, 2]}}` of `|alpha|` mean and std per layer (ngpt only).
 
     The eigen learning rates are `|alpha|` (the forward pass uses `abs(alpha)`, docs/design.md)."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    for stack, n in layers(params).items():
-        for block in BLOCKS:
-            names = [f"{stack}.layers.{i}.{block}.alpha" for i in range(n)]
-            if all(k in params for k in names):
-                a = [np.abs(np.asarray(params[k], np.float64)) for k in names]
-                out.setdefault(stack, {})[block] = np.array([[x.mean(), x.std()] for x in a])
+    for stack, block, per_layer in _per_layer(specs, "alpha"):
+        out.setdefault(stack, {})[block] = np.array([_mean_std(np.abs(params[s.name]))
+                                                     for s in per_layer])
     return out
 
 
-def scalers(params) -> dict[str, dict[str, np.ndarray]]:
+def scalers(params, specs: Specs) -> dict[str, dict[str, np.ndarray]]:
     """`{stack: {scaler: array [n_layers, 2]}}` of mean and std per layer, stored values.
 
     ngpt: `attn.s_qk`, `cross.s_qk`, `s_u`, `s_v` (effective gate scale is `s_uv * sqrt(d)`).
     rmsnorm: the gains `attn_norm`, `cross_norm`, `mlp_norm`. `s_z` is global: see `global_scalers`.
     """
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for stack, n in layers(params).items():
-        rows: dict[str, list] = {}
-        for i in range(n):
-            p = f"{stack}.layers.{i}"
-            found = {}
-            for block in ("attn", "cross"):
-                if f"{p}.{block}.s_qk" in params:
-                    found[f"{block}.s_qk"] = params[f"{p}.{block}.s_qk"]
-            if f"{p}.mlp.s_uv" in params:
-                found["mlp.s_u"], found["mlp.s_v"] = split_s_uv(np.asarray(params[f"{p}.mlp.s_uv"]))
-            for g in ("attn_norm", "cross_norm", "mlp_norm"):
-                if f"{p}.{g}.scale" in params:
-                    found[g] = params[f"{p}.{g}.scale"]
-            for k, v in found.items():
-                v = np.asarray(v, np.float64)
-                rows.setdefault(k, []).append([v.mean(), v.std()])
-        out[stack] = {k: np.array(v) for k, v in rows.items() if len(v) == n}
+    out: dict[str, dict[str, np.ndarray]] = {s: {} for s in layers(specs)}
+    for kind in ("s_qk", "s_uv", "norm_scale"):
+        for stack, block, per_layer in _per_layer(specs, kind):
+            if kind == "s_uv":
+                halves = [split_s_uv(np.asarray(params[s.name])) for s in per_layer]
+                out[stack][f"{block}.s_u"] = np.array([_mean_std(u) for u, _ in halves])
+                out[stack][f"{block}.s_v"] = np.array([_mean_std(v) for _, v in halves])
+            else:
+                key = f"{block}_norm" if kind == "norm_scale" else f"{block}.{kind}"
+                out[stack][key] = np.array([_mean_std(params[s.name]) for s in per_layer])
     return out
 
 
-def global_scalers(params) -> dict[str, np.ndarray]:
+def global_scalers(params, specs: Specs) -> dict[str, np.ndarray]:
     """Scalers outside the layers: `s_z [V]` (ngpt), the final RMSNorm gains (rmsnorm)."""
-    names = ("s_z", "encoder.final_norm.scale", "decoder.final_norm.scale")
-    return {n: np.asarray(params[n]) for n in names if n in params}
+    return {n: np.asarray(params[n]) for n, s in specs.items()
+            if s.kind in SCALER_KINDS and s.layer is None}
 
 
-def condition_numbers(params, stacks: dict[str, list[int]] | None = None
+def condition_numbers(params, specs: Specs, stacks: dict[str, list[int]] | None = None
                       ) -> dict[str, dict[str, np.ndarray]]:
     """`{stack: {"attn.wq": array [n_layers], ...}}` of condition numbers (NaN for layers skipped
     through `stacks`, a `{stack: [layer indices]}` selection)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for stack, n in layers(params).items():
-        table: dict[str, np.ndarray] = {}
-        for name in matrix_names(params, stacks):
-            if not name.startswith(stack + "."):
-                continue
-            i = int(_LAYER.match(name).group(2))
-            key = name.split(".", 3)[3]  # "attn.wq"
-            table.setdefault(key, np.full(n, np.nan))[i] = condition_number(params[name])
-        out[stack] = table
+    n_layers = layers(specs)
+    out: dict[str, dict[str, np.ndarray]] = {stack: {} for stack in n_layers}
+    for name in matrix_names(specs, stacks):
+        s = specs[name]
+        table = out[s.stack].setdefault(f"{s.block}.{s.attr}", np.full(n_layers[s.stack], np.nan))
+        table[s.layer] = condition_number(params[name])
     return out
 
 
@@ -240,11 +236,12 @@ class EmbeddingStats:
     summary: dict[str, float] = field(default_factory=dict)
 
 
-def embedding_stats(params, max_pairs: int = 200_000, seed: int = 0) -> dict[str, EmbeddingStats]:
+def embedding_stats(params, specs: Specs, max_pairs: int = 200_000, seed: int = 0
+                    ) -> dict[str, EmbeddingStats]:
     """Norms, normalized covariance spectrum and pairwise cosines of each embedding matrix."""
     out = {}
-    for name in embedding_names(params):
-        x = embedding_rows(name, params[name])
+    for name in embedding_names(specs):
+        x = embedding_rows(specs[name], params[name])
         norms, spec = row_norms(x), covariance_spectrum(x)
         cos = pairwise_cosines(x, max_pairs, seed)
         summary = {"norm_mean": float(norms.mean()), "norm_std": float(norms.std()),
@@ -255,25 +252,26 @@ def embedding_stats(params, max_pairs: int = 200_000, seed: int = 0) -> dict[str
     return out
 
 
-def key_numbers(params, cond: dict | None = None, stats: dict | None = None) -> dict[str, float]:
+def key_numbers(params, specs: Specs, cond: dict | None = None, stats: dict | None = None
+                ) -> dict[str, float]:
     """A flat summary for a report: mean |alpha| per stack and block, scaler means, mean and max
     condition numbers, embedding norm and cosine spread. `cond` and `stats` reuse the results of
-    `condition_numbers(params)` and `embedding_stats(params)` when they were computed already."""
+    `condition_numbers` and `embedding_stats` when they were computed already."""
     out: dict[str, float] = {}
-    for stack, blocks in eigen_lrs(params).items():
+    for stack, blocks in eigen_lrs(params, specs).items():
         for block, t in blocks.items():
             out[f"{stack} {block} |alpha| mean"] = float(t[:, 0].mean())
-    for stack, table in scalers(params).items():
+    for stack, table in scalers(params, specs).items():
         for k, t in table.items():
             out[f"{stack} {k} mean"] = float(t[:, 0].mean())
-    for n, v in global_scalers(params).items():
+    for n, v in global_scalers(params, specs).items():
         out[f"{n} mean"] = float(np.mean(v))
-    for stack, table in (cond if cond is not None else condition_numbers(params)).items():
+    for stack, table in (cond if cond is not None else condition_numbers(params, specs)).items():
         if table:
             allc = np.concatenate(list(table.values()))
             out[f"{stack} condition number mean"] = float(np.nanmean(allc))
             out[f"{stack} condition number max"] = float(np.nanmax(allc))
-    for n, e in (stats if stats is not None else embedding_stats(params)).items():
+    for n, e in (stats if stats is not None else embedding_stats(params, specs)).items():
         for k, v in e.summary.items():
             out[f"{n} {k}"] = v
     return out

@@ -32,6 +32,14 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
 
+def microbatch_rows(rows: int, grad_accum: int, what: str = "batch") -> int:
+    """Rows of each of the `grad_accum` microbatches of a batch of `rows` rows: the one check
+    that they divide, for the config and both frameworks' microbatch splits."""
+    if rows % grad_accum:
+        raise ConfigError(f"{what} of {rows} rows is not divisible by grad_accum={grad_accum}")
+    return rows // grad_accum
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "encoder_decoder"
@@ -198,9 +206,7 @@ class TrainConfig:
             raise ConfigError("compile=true is not supported with fsdp=true: FSDP2's per-block "
                               "hooks under torch.compile are untested here; use compile=false "
                               "(or none) with fsdp, or DDP with compile")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
-                              f"grad_accum={self.grad_accum}")
+        microbatch_rows(self.batch_size, self.grad_accum, "batch_size")
         if self.tokenizer not in ("byte", "bpe") and not self.tokenizer.endswith(".json"):
             raise ConfigError(f"tokenizer must be byte, bpe or the path of a tokenizer.json, "
                               f"got {self.tokenizer!r}")
@@ -217,7 +223,7 @@ class TrainConfig:
     def check_rows_split(self, shards: int, over: str) -> None:
         """Each of `shards` (data-parallel devices or ranks, described by `over`) takes an equal
         share of every microbatch's rows."""
-        rows = self.batch_size // self.grad_accum
+        rows = microbatch_rows(self.batch_size, self.grad_accum)
         if rows % shards:
             raise ConfigError(f"the batch of {rows} rows (batch_size={self.batch_size} / "
                               f"grad_accum={self.grad_accum}) does not split over {over}")

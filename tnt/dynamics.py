@@ -47,7 +47,7 @@ class Dynamics:
     """Which arrays to fetch and how to log them; `log(writer, backend, step)` does one interval."""
 
     def __init__(self, cfg: ModelConfig, max_cond_layers: int = 4) -> None:
-        specs = param_specs(cfg)
+        self.specs = specs = param_specs(cfg)
         stacks = {s: chosen_layers(n, max_cond_layers) for s, n in analysis.layers(specs).items()}
         self.scalers = analysis.scaler_names(specs)
         self.matrices = analysis.matrix_names(specs, stacks)
@@ -64,20 +64,19 @@ class Dynamics:
         scalars: dict[str, float] = {}
         hists: dict[str, np.ndarray] = {}
         for name in self.scalers:
+            spec = self.specs[name]
             v = np.asarray(arrays[name], np.float64)
-            short = name.rsplit(".", 1)[0] if name.endswith(".scale") else name
-            if name.endswith(".alpha"):
+            module = name.removesuffix(f".{spec.attr}")  # "decoder.layers.0.attn", "...attn_norm"
+            if spec.kind == "alpha":
                 a = np.abs(v)
-                base = name[: -len(".alpha")]
-                scalars[f"dyn/alpha/{base}"] = float(a.mean())
-                scalars[f"dyn/alpha_std/{base}"] = float(a.std())
-            elif name.endswith(".s_uv"):
+                scalars[f"dyn/alpha/{module}"] = float(a.mean())
+                scalars[f"dyn/alpha_std/{module}"] = float(a.std())
+            elif spec.kind == "s_uv":
                 s_u, s_v = analysis.split_s_uv(v)
-                base = name[: -len(".s_uv")]
-                scalars[f"dyn/scaler/{base}.s_u"] = float(s_u.mean())
-                scalars[f"dyn/scaler/{base}.s_v"] = float(s_v.mean())
-            else:
-                scalars[f"dyn/scaler/{short}"] = float(v.mean())
+                scalars[f"dyn/scaler/{module}.s_u"] = float(s_u.mean())
+                scalars[f"dyn/scaler/{module}.s_v"] = float(s_v.mean())
+            else:  # s_qk and s_z by name, an RMSNorm gain by its norm ("...attn_norm")
+                scalars[f"dyn/scaler/{module if spec.kind == 'norm_scale' else name}"] = float(v.mean())
             if histogram_ok(v):
                 hists[f"hist/{name}"] = v
         for name in self.matrices:
@@ -85,7 +84,7 @@ class Dynamics:
             scalars[f"dyn/cond/{name}"] = analysis.condition_number(w, fast=True)
             scalars[f"dyn/wnorm/{name}"] = float(np.linalg.norm(w))
         for name in self.embeddings:
-            norms = analysis.row_norms(analysis.embedding_rows(name, arrays[name]))
+            norms = analysis.row_norms(analysis.embedding_rows(self.specs[name], arrays[name]))
             scalars[f"dyn/wnorm/{name}"] = float(norms.mean())
         return scalars, hists
 

@@ -28,7 +28,7 @@ import re
 import numpy as np
 
 from tnt.config import ModelConfig
-from tnt.params import ALPHA_INIT, check_canonical
+from tnt.params import ParamSpec, check_canonical, param_specs
 
 
 def _strip(name: str) -> str:
@@ -68,31 +68,35 @@ def convert_reference(state: dict[str, np.ndarray], n_heads: int, base_scale: fl
         used.add(name)
         return state[name]
 
-    out = {"decoder.embed": take("transformer.wte.weight"), "lm_head": take("lm_head.weight").T}
-    for i in layers:
-        ref, own = f"transformer.h.{i}", f"decoder.layers.{i}"
-        for theirs, ours in (("query", "attn.wq"), ("key", "attn.wk"), ("value", "attn.wv"),
-                             ("att_c_proj", "attn.wo"), ("c_fc", "mlp.w_in"),
-                             ("mlp_c_proj", "mlp.w_out")):
-            out[f"{own}.{ours}"] = take(f"{ref}.{theirs}.weight").T
-        if ngpt:
-            out[f"{own}.attn.alpha"] = take(f"{ref}.attn_alpha") * (ALPHA_INIT / scale)
-            out[f"{own}.mlp.alpha"] = take(f"{ref}.mlp_alpha") * (ALPHA_INIT / scale)
-            out[f"{own}.attn.s_qk"] = take(f"{ref}.sqk") * (1.0 / scale)
-            out[f"{own}.mlp.s_uv"] = take(f"{ref}.suv") * 1.0
-        else:
-            out[f"{own}.attn_norm.scale"] = take(f"{ref}.rmsnorm_att.weight")
-            out[f"{own}.mlp_norm.scale"] = take(f"{ref}.rmsnorm_mlp.weight")
-    if ngpt:
-        out["s_z"] = take("sz") * (1.0 / scale)
-    else:
-        out["decoder.final_norm.scale"] = take("rmsnorm_f.weight")
+    out = {}
+    for name, spec in param_specs(cfg).items():
+        value = take(_reference_name(spec))
+        if spec.is_matrix and spec.kind != "embed":  # nn.Linear's [out, in] -> [in, out]
+            value = value.T
+        # a scaler whose eigen LR is init/base_scale is stored by the reference at effective/that
+        out[name] = value * (spec.init_value / scale) if spec.base_scaled else value
     unused = sorted(set(state) - used)
     if unused:
         raise KeyError(f"reference state dict has names TnT does not know: {', '.join(unused[:8])}")
     out = {k: np.ascontiguousarray(v, np.float32) for k, v in _append_pad(out, ngpt).items()}
     check_canonical(out, cfg)
     return out, cfg
+
+
+# The reference's module names for TnT's (block, attr) of a layer's matrices and RMSNorm gains
+_LINEAR = {("attn", "wq"): "query", ("attn", "wk"): "key", ("attn", "wv"): "value",
+           ("attn", "wo"): "att_c_proj", ("mlp", "w_in"): "c_fc", ("mlp", "w_out"): "mlp_c_proj"}
+_RMSNORM = {"attn": "rmsnorm_att", "mlp": "rmsnorm_mlp", None: "rmsnorm_f"}
+
+
+def _reference_name(spec: ParamSpec) -> str:
+    """The reference state dict's name of a (decoder-only) TnT parameter."""
+    layer = f"transformer.h.{spec.layer}"
+    return {"embed": "transformer.wte.weight", "lm_head": "lm_head.weight", "s_z": "sz",
+            "matrix": f"{layer}.{_LINEAR.get((spec.block, spec.attr))}.weight",
+            "alpha": f"{layer}.{spec.block}_alpha", "s_qk": f"{layer}.sqk", "s_uv": f"{layer}.suv",
+            "norm_scale": (f"{layer}." if spec.layer is not None else "")
+            + f"{_RMSNORM[spec.block]}.weight"}[spec.kind]
 
 
 def _append_pad(out: dict[str, np.ndarray], ngpt: bool) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
   encoder once and computes each layer's cross-attention keys and values once; the model's own
   `TnT.extend` prefills the prompt in one pass and then makes the new tokens, one per row and
   step, in a `lax.while_loop` that stops when every row has reached eos.
-- `generate(..., use_cache=False)`: full recompute: the whole model (encoder and decoder) run
+- `generate(..., use_cache=False)`: no cache, the whole model (encoder and decoder) run
   again for every new token on a fixed-size buffer; the reference for tests and the baseline of
   `python -m experiments.bench generate`.
 """

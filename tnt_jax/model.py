@@ -184,9 +184,8 @@ split_halves.defvjp(lambda x: (split_halves(x), None),
                     lambda _, cotangents: (jnp.concatenate(cotangents, axis=-1),))
 
 
-def _param(specs: dict[str, ParamSpec], name: str, rngs: nnx.Rngs) -> nnx.Param:
+def _param(spec: ParamSpec, rngs: nnx.Rngs) -> nnx.Param:
     """Initialize one parameter from the shared table (ngpt matrices start on the unit sphere)."""
-    spec = specs[name]
     if spec.init_std is None:
         return nnx.Param(jnp.full(spec.shape, spec.init_value, jnp.float32))
     value = spec.init_std * jax.random.normal(rngs.params(), spec.shape, jnp.float32)
@@ -198,21 +197,23 @@ def _param(specs: dict[str, ParamSpec], name: str, rngs: nnx.Rngs) -> nnx.Param:
 class Attention(nnx.Module):
     """Multi-head attention; with ngpt, q and k are unit-normalized per head and scaled by s_qk."""
 
-    def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs, rope: bool):
-        self.n_heads, self.head_dim, self.rope = cfg.n_heads, cfg.head_dim, rope
+    def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs,
+                 self_attention: bool):
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.self_attention = self_attention
         self.ngpt, self.dtype = cfg.norm == "ngpt", jnp.dtype(cfg.dtype)
         for w in ("wq", "wk", "wv", "wo"):
-            setattr(self, w, _param(specs, f"{prefix}.{w}", rngs))
+            setattr(self, w, _param(specs[f"{prefix}.{w}"], rngs))
         if self.ngpt:
-            self.alpha = _param(specs, f"{prefix}.alpha", rngs)
-            self.s_qk = _param(specs, f"{prefix}.s_qk", rngs)
+            self.alpha = _param(specs[f"{prefix}.alpha"], rngs)
+            self.s_qk = _param(specs[f"{prefix}.s_qk"], rngs)
 
     def _heads(self, t_BxLxD: jax.Array) -> jax.Array:
         return t_BxLxD.reshape(t_BxLxD.shape[0], t_BxLxD.shape[1], self.n_heads, self.head_dim)
 
     def _qk(self, t_BxLxHxK, rope: RoPE | None, positions_BxL) -> jax.Array:
         """RoPE (self-attention) and, for ngpt, `s_qk * norm_dh(t)` on q or k."""
-        if self.rope:
+        if self.self_attention:
             t_BxLxHxK = rope.apply(t_BxLxHxK, positions_BxL)
         if self.ngpt:
             s_qk_1x1xHxK = self.s_qk[...].reshape(1, 1, self.n_heads, self.head_dim)
@@ -247,11 +248,11 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs):
         self.ngpt, self.d_model = cfg.norm == "ngpt", cfg.d_model
         self.activation, self.dtype = cfg.activation, jnp.dtype(cfg.dtype)
-        self.w_in = _param(specs, f"{prefix}.w_in", rngs)
-        self.w_out = _param(specs, f"{prefix}.w_out", rngs)
+        self.w_in = _param(specs[f"{prefix}.w_in"], rngs)
+        self.w_out = _param(specs[f"{prefix}.w_out"], rngs)
         if self.ngpt:
-            self.alpha = _param(specs, f"{prefix}.alpha", rngs)
-            self.s_uv = _param(specs, f"{prefix}.s_uv", rngs)
+            self.alpha = _param(specs[f"{prefix}.alpha"], rngs)
+            self.s_uv = _param(specs[f"{prefix}.s_uv"], rngs)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         w_in = self.w_in[...]
@@ -266,7 +267,7 @@ class Scale(nnx.Module):
     """An RMSNorm's learned scale (the rmsnorm baseline only)."""
 
     def __init__(self, specs, prefix: str, rngs: nnx.Rngs):
-        self.scale = _param(specs, f"{prefix}.scale", rngs)
+        self.scale = _param(specs[f"{prefix}.scale"], rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...])
@@ -284,8 +285,8 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, rngs: nnx.Rngs, cross: bool):
         self.ngpt = cfg.norm == "ngpt"
-        self.attn = Attention(cfg, specs, f"{prefix}.attn", rngs, rope=True)
-        self.cross = Attention(cfg, specs, f"{prefix}.cross", rngs, rope=False) if cross else None
+        self.attn = Attention(cfg, specs, f"{prefix}.attn", rngs, self_attention=True)
+        self.cross = Attention(cfg, specs, f"{prefix}.cross", rngs, self_attention=False) if cross else None
         self.mlp = MLP(cfg, specs, f"{prefix}.mlp", rngs)
         if not self.ngpt:
             self.attn_norm = Scale(specs, f"{prefix}.attn_norm", rngs)
@@ -322,7 +323,7 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, specs, name: str, n_layers: int, rngs: nnx.Rngs,
                  cross: bool):
-        self.embed = _param(specs, f"{name}.embed", rngs)
+        self.embed = _param(specs[f"{name}.embed"], rngs)
         self.layers = nnx.List([Block(cfg, specs, f"{name}.layers.{i}", rngs, cross)
                                 for i in range(n_layers)])
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", rngs)
@@ -359,9 +360,9 @@ class TnT(nnx.Module):
                         if cfg.has_encoder else None)
         self.decoder = Stack(cfg, specs, "decoder", cfg.n_decoder_layers, rngs,
                              cross=cfg.has_encoder)
-        self.lm_head = _param(specs, "lm_head", rngs)
+        self.lm_head = _param(specs["lm_head"], rngs)
         if cfg.norm == "ngpt":
-            self.s_z = _param(specs, "s_z", rngs)
+            self.s_z = _param(specs["s_z"], rngs)
 
     def _check(self, tokens, max_len: int, what: str) -> None:
         """Shape, dtype and id range of a token batch. The id range is checked on concrete

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from tnt.config import ModelConfig, TrainConfig
-from tnt.params import param_specs
+from tnt.params import check_names, param_specs
 from tnt.schedule import learning_rate_table
 from tnt_jax.model import l2norm
 
@@ -63,9 +63,8 @@ def scale_by_eigen_lr(multiplier: Callable[[str], float]) -> optax.GradientTrans
 def clip_stored_gradients(multiplier: Callable[[str], float],
                           max_norm: float) -> optax.GradientTransformation:
     """`scale_by_eigen_lr` then `optax.clip_by_global_norm`: the reference clips its stored
-    gradients `m g`. One transform with the clip's (empty) state, so the chain's state has the
-    layout of checkpoints written before the multipliers moved in front of the clip (orbax
-    restores only an identical tree)."""
+    gradients `m g`. One transform with the clip's (empty) state, so the chain's state is the
+    tree every checkpoint version holds (orbax restores only an identical tree)."""
     scale, clip = scale_by_eigen_lr(multiplier), optax.clip_by_global_norm(max_norm)
 
     def update_fn(updates, state, params=None):
@@ -132,21 +131,24 @@ def build_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.Gra
     t = train_cfg.resolved(model_cfg.norm)
     specs = param_specs(model_cfg)
 
-    def spec(name: str):
-        if name not in specs:
-            raise KeyError(f"optimizer got parameter {name!r}, which the config does not define")
-        return specs[name]
-
     def eigen_lr(name: str) -> float:
-        return spec(name).eigen_lr
+        return specs[name].eigen_lr
 
     chain = [clip_stored_gradients(eigen_lr, t.grad_clip),
              optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=t.eps)]
     if t.weight_decay:
         chain.append(optax.add_decayed_weights(t.weight_decay, mask=lambda params: (
-            jax.tree_util.tree_map_with_path(lambda p, _: spec(path_name(p)).weight_decay,
+            jax.tree_util.tree_map_with_path(lambda p, _: specs[path_name(p)].weight_decay,
                                              params))))
     chain += [scale_by_eigen_lr(eigen_lr), optax.scale_by_learning_rate(lr_schedule(model_cfg, train_cfg))]
     if model_cfg.norm == "ngpt":
-        chain.append(unit_norm_projection(lambda n: spec(n).project_axis))
-    return optax.chain(*chain)
+        chain.append(unit_norm_projection(lambda n: specs[n].project_axis))
+    tx = optax.chain(*chain)
+
+    def init_fn(params):
+        names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        if names:  # optax.tree_map_params initializes with a leafless placeholder tree
+            check_names(names, model_cfg, "optimizer parameters")
+        return tx.init(params)
+
+    return optax.GradientTransformation(init_fn, tx.update)

@@ -1,15 +1,17 @@
 """Where every array of a JAX run lives on a `(data, fsdp, tensor)` device mesh (docs/design.md,
 "Sharding").
 
-One table, `RULES`, maps each kind of canonical parameter (`tnt.params`) to a `PartitionSpec`:
+Every parameter names the logical axis of each of its array axes (`tnt.params.ParamSpec.axes`);
+one table, `LOGICAL_RULES`, maps logical axes to mesh axes, so changing the parallelism edits the
+table, never the model:
 
-- `fsdp` shards the d_model axis of every matrix (the axis the nGPT projection normalizes, so the
-  unit-norm reduction really crosses shards; GSPMD inserts the all-reduce);
-- `tensor` shards the heads (the output axis of wq/wk/wv, the input axis of wo) and the MLP hidden
-  axis (output of w_in, input of w_out), Megatron-style; s_qk and s_uv follow those axes;
-- the vocabulary axis (embed rows, lm_head columns, s_z) is not sharded, nor are the vectors
-  that scale the residual stream (alpha, RMSNorm scales): the stream's d_model axis is not
-  sharded in the activations (rows are), and a d-sharded scaler there makes XLA re-gather the
+- `embed` (d_model of every matrix) -> `fsdp`: the axis the nGPT projection normalizes, so the
+  unit-norm reduction really crosses shards (GSPMD inserts the all-reduce);
+- `heads` and `mlp` -> `tensor`, Megatron-style: the output axis of wq/wk/wv and the input axis
+  of wo, the MLP hidden axis of w_in and w_out, and s_qk and s_uv along them;
+- `vocab` (embed rows, lm_head columns, s_z) is not sharded, nor is `stream`, the d_model axis of
+  the vectors that scale the residual stream (alpha, RMSNorm scales): the stream's d_model axis is
+  not sharded in the activations (rows are), and a d-sharded scaler there makes XLA re-gather the
   activations ("involuntary full rematerialization") to save a few hundred floats.
 
 Both Adam moments take their parameter's sharding (`optax.tree_map_params` walks the optimizer
@@ -28,19 +30,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tnt.config import ConfigError, ModelConfig, RunConfig
-from tnt.params import param_specs
+from tnt.params import ParamSpec, param_specs
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# The last part of a canonical name -> the mesh axis of each array axis ([in, out] layout).
-RULES: dict[str, tuple[str | None, ...]] = {
-    "wq": ("fsdp", "tensor"), "wk": ("fsdp", "tensor"), "wv": ("fsdp", "tensor"),
-    "wo": ("tensor", "fsdp"),
-    "w_in": ("fsdp", "tensor"), "w_out": ("tensor", "fsdp"),
-    "embed": (None, "fsdp"), "lm_head": ("fsdp", None),
-    "s_qk": ("tensor",), "s_uv": ("tensor",), "alpha": (None,), "scale": (None,),
-    "s_z": (None,),
+# Logical axis (tnt.params.AXES) -> the mesh axis it is split over (None: replicated).
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": None, "stream": None,
 }
 
 
@@ -126,16 +123,17 @@ def mesh_shape(mesh: Mesh) -> MeshShape:
     return MeshShape(**{a: int(mesh.shape[a]) for a in AXES})
 
 
-def partition_spec(name: str) -> P:
-    """The PartitionSpec of a canonical parameter name (`RULES` on its last part)."""
-    kind = name.rsplit(".", 1)[-1]
-    if kind not in RULES:
-        raise KeyError(f"no sharding rule for parameter {name!r} (tnt_jax/sharding.py RULES)")
-    return P(*RULES[kind])
+def partition_spec(spec: ParamSpec, rules: dict[str, str | None] = LOGICAL_RULES) -> P:
+    """The PartitionSpec of a parameter: `rules` applied to each of its logical axes."""
+    missing = [a for a in spec.axes if a not in rules]
+    if missing:
+        raise KeyError(f"no sharding rule for logical axis {missing[0]!r} of parameter "
+                       f"{spec.name} (tnt_jax/sharding.py LOGICAL_RULES)")
+    return P(*(rules[a] for a in spec.axes))
 
 
 def param_shardings(mesh: Mesh, cfg: ModelConfig) -> dict[str, NamedSharding]:
-    return {name: NamedSharding(mesh, partition_spec(name)) for name in param_specs(cfg)}
+    return {name: NamedSharding(mesh, partition_spec(spec)) for name, spec in param_specs(cfg).items()}
 
 
 def opt_state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params: dict,

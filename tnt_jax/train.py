@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tnt.config import microbatch_rows
 from tnt_jax.model import loss_fn, merge_params
 
 
@@ -31,9 +32,10 @@ def microbatches(batch: dict, n: int) -> dict:
     """Split a global batch into `n` microbatches, stacked on a new leading axis: microbatch i is
     rows i, i+n, i+2n, ... (strided, so each microbatch keeps rows from every device of the data
     mesh). The same split as `tnt_torch.train.microbatches`."""
+    rows = microbatch_rows(batch["labels"].shape[0], n)
+
     def split(x):
-        b = x.shape[0]
-        return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+        return jnp.swapaxes(x.reshape(rows, n, *x.shape[1:]), 0, 1)
 
     return {k: split(v) for k, v in batch.items()}
 
@@ -85,9 +87,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None))
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        rows = batch["labels"].shape[0]
-        if rows % grad_accum:
-            raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={grad_accum}")
         loss, count, grads = accumulated_grads(graphdef, state.params, batch, grad_accum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

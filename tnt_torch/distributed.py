@@ -84,6 +84,8 @@ def shard(net: TnT) -> TnT:
     for stack in (net.encoder, net.decoder):
         for layer in ([] if stack is None else stack.layers):
             fully_shard(layer)
+        if stack is not None:
+            stack.hooked = True
     fully_shard(net)
     return net
 
@@ -112,8 +114,8 @@ class _Forward:
     def __init__(self, ddp: DistributedDataParallel, cfg) -> None:
         self.ddp, self.cfg = ddp, cfg
 
-    def __call__(self, *args):
-        return self.ddp(*args)
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
 
 
 class Replica:

@@ -6,7 +6,7 @@ Policy (prompts, truncation, padding, sampling rules) is `tnt.generation`'s, sha
 - `generate(..., use_cache=True)`: `TnT.start_cache` preallocates the self-attention caches, runs
   the encoder once and computes each layer's cross-attention keys and values once; the model's
   own `TnT.extend` prefills the prompt in one pass, then makes one token per row and step.
-- `generate(..., use_cache=False)`: full recompute: the whole model (encoder and decoder)
+- `generate(..., use_cache=False)`: no cache, the whole model (encoder and decoder)
   run again for every new token; the reference for tests and the benchmark's baseline.
 """
 
@@ -116,7 +116,8 @@ def _generate_uncached(model: TnT, batch: Batch, sampling: Sampling, want_logits
     lbuf = [] if want_logits else None
     for t in range(n):
         pos = lengths - 1 + t
-        logits = model(enc, buf)[rows, pos]  # everything recomputed: encoder and decoder
+        # everything recomputed, encoder and decoder; the ids are the prompt's and the model's own
+        logits = model(enc, buf, check_ids=False)[rows, pos]
         tok = torch.where(done, cfg.pad_id, _choose(logits, sampling, gen, cfg.pad_id))
         out[:, t] = tok
         done |= _at_eos(tok, eos)

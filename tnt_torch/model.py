@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from tnt.config import ModelConfig
@@ -208,7 +207,7 @@ def attend(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask: Mask, scale: float) -> torch.T
     return y
 
 
-def _init(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
+def _param(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
     """One parameter from the shared table (ngpt matrices start on the unit sphere)."""
     if spec.init_std is None:
         return nn.Parameter(torch.full(spec.shape, spec.init_value, dtype=torch.float32))
@@ -225,20 +224,22 @@ class Attention(nn.Module):
     one tensor; cross-attention does the same for `[wk | wv]` on the encoder output.
     """
 
-    def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, rope: bool):
+    def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator,
+                 self_attention: bool):
         super().__init__()
-        self.n_heads, self.head_dim, self.rope = cfg.n_heads, cfg.head_dim, rope
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.self_attention = self_attention
         self.ngpt, self.dtype = cfg.norm == "ngpt", getattr(torch, cfg.dtype)
         for w in ("wq", "wk", "wv", "wo"):
-            setattr(self, w, _init(specs[f"{prefix}.{w}"], gen))
+            setattr(self, w, _param(specs[f"{prefix}.{w}"], gen))
         if self.ngpt:
-            self.alpha = _init(specs[f"{prefix}.alpha"], gen)
-            self.s_qk = _init(specs[f"{prefix}.s_qk"], gen)
+            self.alpha = _param(specs[f"{prefix}.alpha"], gen)
+            self.s_qk = _param(specs[f"{prefix}.s_qk"], gen)
         self.scale = math.sqrt(self.head_dim) if self.ngpt else 1.0 / math.sqrt(self.head_dim)
 
     def _qk(self, t_BxLxNxHxK: torch.Tensor, rope: RoPE | None, positions_BxL) -> torch.Tensor:
         """RoPE (self-attention) and, for ngpt, `s_qk * norm_dh(.)` on stacked q and/or k."""
-        if self.rope:
+        if self.self_attention:
             t_BxLxNxHxK = rope.apply(t_BxLxNxHxK, positions_BxL)
         if self.ngpt:
             t_BxLxNxHxK = l2norm(t_BxLxNxHxK) * self.s_qk.view(self.n_heads, self.head_dim)
@@ -254,10 +255,11 @@ class Attention(nn.Module):
     def forward(self, x_BxLxD, kv_BxSxD, mask: Mask, rope: RoPE | None = None,
                 positions_BxL=None, cache: KVCache | None = None):
         """Returns (output [B, L, D], cache). With a cache, the keys of `kv` (if given) are
-        written at `positions` first (in place) and the queries attend to the cache."""
+        written at `positions` first (in place) and the queries attend to the cache.
+        Self-attention (`kv` is `x`) projects q, k and v in one matmul."""
         B, L, D = x_BxLxD.shape
         H, K = self.n_heads, self.head_dim
-        if kv_BxSxD is x_BxLxD:
+        if self.self_attention:
             w_qkv = _derived(self, "w_qkv", lambda: torch.cat([self.wq, self.wk, self.wv], 1))
             qkv = project(x_BxLxD, w_qkv, self.dtype).view(B, L, 3, H, K)
             qk = self._qk(qkv[:, :, :2], rope, positions_BxL)
@@ -287,11 +289,11 @@ class MLP(nn.Module):
         self.ngpt, self.hidden = cfg.norm == "ngpt", cfg.hidden
         self.sqrt_d = math.sqrt(cfg.d_model)
         self.activation, self.dtype = cfg.activation, getattr(torch, cfg.dtype)
-        self.w_in = _init(specs[f"{prefix}.w_in"], gen)
-        self.w_out = _init(specs[f"{prefix}.w_out"], gen)
+        self.w_in = _param(specs[f"{prefix}.w_in"], gen)
+        self.w_out = _param(specs[f"{prefix}.w_out"], gen)
         if self.ngpt:
-            self.alpha = _init(specs[f"{prefix}.alpha"], gen)
-            self.s_uv = _init(specs[f"{prefix}.s_uv"], gen)
+            self.alpha = _param(specs[f"{prefix}.alpha"], gen)
+            self.s_uv = _param(specs[f"{prefix}.s_uv"], gen)
 
     def forward(self, x_BxLxD: torch.Tensor) -> torch.Tensor:
         # ngpt: (x @ w_in) * s_uv*sqrt(d) computed as x @ (w_in * s_uv*sqrt(d)), a [d, 2F]
@@ -308,7 +310,7 @@ class Scale(nn.Module):
 
     def __init__(self, specs, prefix: str, gen: torch.Generator):
         super().__init__()
-        self.scale = _init(specs[f"{prefix}.scale"], gen)
+        self.scale = _param(specs[f"{prefix}.scale"], gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.scale)
@@ -327,8 +329,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator, cross: bool):
         super().__init__()
         self.ngpt = cfg.norm == "ngpt"
-        self.attn = Attention(cfg, specs, f"{prefix}.attn", gen, rope=True)
-        self.cross = Attention(cfg, specs, f"{prefix}.cross", gen, rope=False) if cross else None
+        self.attn = Attention(cfg, specs, f"{prefix}.attn", gen, self_attention=True)
+        self.cross = Attention(cfg, specs, f"{prefix}.cross", gen, self_attention=False) if cross else None
         self.mlp = MLP(cfg, specs, f"{prefix}.mlp", gen)
         if not self.ngpt:
             self.attn_norm = Scale(specs, f"{prefix}.attn_norm", gen)
@@ -339,19 +341,17 @@ class Block(nn.Module):
                 positions=None, cache: tuple[KVCache, KVCache | None] | None = None):
         """Returns (h, cache); `cache` is (self-attention's, cross-attention's) or None."""
         self_cache, cross_cache = (None, None) if cache is None else cache
-        h = self._residual(h, self.attn, "attn_norm",
-                           lambda x: self.attn.forward(x, x, self_mask, rope, positions,
-                                                         self_cache)[0])
+        h = self._residual(h, "attn", lambda x: self.attn.forward(x, x, self_mask, rope, positions,
+                                                                  self_cache)[0])
         if self.cross is not None:
-            h = self._residual(h, self.cross, "cross_norm",
-                               lambda x: self.cross.forward(x, enc, cross_mask,
-                                                                cache=cross_cache)[0])
-        return self._residual(h, self.mlp, "mlp_norm", self.mlp.forward), cache
+            h = self._residual(h, "cross", lambda x: self.cross.forward(x, enc, cross_mask,
+                                                                        cache=cross_cache)[0])
+        return self._residual(h, "mlp", self.mlp.forward), cache
 
-    def _residual(self, h, sub: nn.Module, norm_name: str, fn) -> torch.Tensor:
+    def _residual(self, h, name: str, fn) -> torch.Tensor:
         if self.ngpt:
-            return l2norm(torch.lerp(unit_norm(h), l2norm(fn(h)), sub.alpha.abs()))
-        return h + fn(getattr(self, norm_name).forward(h))
+            return l2norm(torch.lerp(unit_norm(h), l2norm(fn(h)), getattr(self, name).alpha.abs()))
+        return h + fn(getattr(self, f"{name}_norm").forward(h))
 
 
 class Stack(nn.Module):
@@ -360,11 +360,12 @@ class Stack(nn.Module):
     def __init__(self, cfg: ModelConfig, specs, name: str, n_layers: int, gen: torch.Generator,
                  cross: bool):
         super().__init__()
-        self.embed = _init(specs[f"{name}.embed"], gen)
+        self.embed = _param(specs[f"{name}.embed"], gen)
         self.layers = nn.ModuleList([Block(cfg, specs, f"{name}.layers.{i}", gen, cross)
                                      for i in range(n_layers)])
         self.final_norm = None if cfg.norm == "ngpt" else Scale(specs, f"{name}.final_norm", gen)
         self.compiled = False  # see TnT.compile_blocks
+        self.hooked = False  # FSDP2 (tnt_torch.distributed.shard) gathers a block's shards in hooks
         self.remat = cfg.remat == "block"
 
     def forward(self, tokens_BxL, self_mask: Mask, rope: RoPE, enc=None, cross_mask=None,
@@ -375,8 +376,8 @@ class Stack(nn.Module):
         compiled = self.compiled and torch.is_grad_enabled()
         remat = self.remat and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            # FSDP2 gathers a block's shards in its hooks, which only `layer(...)` runs
-            call = layer if compiled or isinstance(layer, FSDPModule) else layer.forward
+            # hooks (FSDP2's gathers) and the compiled block run through `layer(...)` only
+            call = layer if compiled or self.hooked else layer.forward
             args = (h, self_mask, rope, enc, cross_mask, positions, None if cache is None else cache[i])
             if remat:  # remat="block": the backward recomputes the block from its input
                 h, _ = checkpoint(call, *args, use_reentrant=False)
@@ -401,9 +402,9 @@ class TnT(nn.Module):
                         if cfg.has_encoder else None)
         self.decoder = Stack(cfg, specs, "decoder", cfg.n_decoder_layers, gen,
                              cross=cfg.has_encoder)
-        self.lm_head = _init(specs["lm_head"], gen)
+        self.lm_head = _param(specs["lm_head"], gen)
         if cfg.norm == "ngpt":
-            self.s_z = _init(specs["s_z"], gen)
+            self.s_z = _param(specs["s_z"], gen)
         self.dtype = getattr(torch, cfg.dtype)
         self._rope_cache: dict[tuple, RoPE] = {}
 
@@ -423,7 +424,10 @@ class TnT(nn.Module):
             stack.compiled = enable
         return self
 
-    def _check(self, tokens: torch.Tensor, max_len: int, what: str) -> None:
+    def _check(self, tokens: torch.Tensor, max_len: int, what: str, ids: bool) -> None:
+        """Shape, dtype and, with `ids`, the id range of a token batch. The id range is read back
+        from the device (a sync): callers whose ids were validated where the batch was built (the
+        backend's `_put`, the decode loop's own choices) pass `check_ids=False`."""
         if tokens.ndim != 2:
             raise ValueError(f"{what} must have shape [batch, length], got {tuple(tokens.shape)}")
         if tokens.shape[1] > max_len:
@@ -431,7 +435,7 @@ class TnT(nn.Module):
                              f"maximum {max_len}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"{what} must be integer token ids, got {tokens.dtype}")
-        if tokens.numel() == 0:
+        if not ids or tokens.numel() == 0:
             return
         lo, hi = torch.aminmax(tokens)
         if int(lo) < 0 or int(hi) >= self.cfg.vocab_size:
@@ -449,16 +453,17 @@ class TnT(nn.Module):
         valid = tokens_BxL != self.cfg.pad_id
         return None if bool(valid.all()) else valid
 
-    def encode(self, enc_tokens_BxS: torch.Tensor) -> torch.Tensor:
+    def encode(self, enc_tokens_BxS: torch.Tensor, *, check_ids: bool = True) -> torch.Tensor:
         """The encoder output [B, S, D] (ngpt: unit vectors; rmsnorm: after the final norm)."""
-        self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens")
+        self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens", check_ids)
         valid = self._valid(enc_tokens_BxS)
         S = enc_tokens_BxS.shape[1]
         mask = Mask(False, None if valid is None else valid[:, None, None, :].expand(-1, 1, S, S))
         return self.encoder(enc_tokens_BxS, mask, self.rope(S, enc_tokens_BxS.device))[0]
 
-    def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None) -> torch.Tensor:
-        self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens")
+    def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None, *,
+               check_ids: bool = True) -> torch.Tensor:
+        self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens", check_ids)
         L, device = dec_tokens_BxL.shape[1], dec_tokens_BxL.device
         valid = self._valid(dec_tokens_BxL)
         if valid is None:
@@ -524,8 +529,7 @@ class TnT(nn.Module):
         tokens at 0..T-1, a decode step one token per row. `check_ids=False` skips the token-id
         range check, for ids the model itself chose (the decode loop; the check syncs the
         device every token)."""
-        if check_ids:
-            self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens")
+        self._check(tokens_BxT, self.cfg.max_len_decoder, "tokens", check_ids)
         B, T = tokens_BxT.shape
         n_cols = int(positions_BxT.max()) + 1  # columns written in any row after this call
         if positions_BxT.shape != (B, T) or n_cols > cache.layers[0][0].k.shape[2]:
@@ -546,12 +550,15 @@ class TnT(nn.Module):
                                     positions_BxT, cache.layers)
         return self._logits(h), cache
 
-    def forward(self, enc_tokens_BxS, dec_tokens_BxL) -> torch.Tensor:
+    def forward(self, enc_tokens_BxS, dec_tokens_BxL, *, check_ids: bool = True) -> torch.Tensor:
+        """Logits of `dec_tokens` (after the encoder's output of `enc_tokens`); `check_ids=False`
+        for batches validated where they were built (see `_check`)."""
         if self.cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
-            return self.decode(dec_tokens_BxL, self.encode(enc_tokens_BxS), enc_tokens_BxS)
-        return self.decode(dec_tokens_BxL)
+            return self.decode(dec_tokens_BxL, self.encode(enc_tokens_BxS, check_ids=check_ids),
+                               enc_tokens_BxS, check_ids=check_ids)
+        return self.decode(dec_tokens_BxL, check_ids=check_ids)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -567,10 +574,11 @@ def without_pad(logits_BxLxV: torch.Tensor, pad_id: int) -> torch.Tensor:
     return logits_BxLxV.masked_fill(is_pad_V, -torch.inf)
 
 
-def loss_fn(model: TnT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(model: TnT, batch: dict[str, torch.Tensor], *, check_ids: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean float32 cross-entropy over non-pad labels, the softmax over the real tokens only;
     returns (loss, number of label tokens)."""
-    logits = model(batch.get("enc_tokens"), batch["dec_tokens"])
+    logits = model(batch.get("enc_tokens"), batch["dec_tokens"], check_ids=check_ids)
     labels = batch["labels"].long()
     pad = model.cfg.pad_id
     logits = without_pad(_at_least_float32(logits.reshape(-1, logits.shape[-1])), pad)

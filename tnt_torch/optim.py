@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from tnt.config import ModelConfig, TrainConfig
-from tnt.params import param_specs
+from tnt.params import check_names, param_specs
 from tnt.schedule import learning_rate
 from tnt_torch.distributed import full, like, local
 
@@ -126,12 +126,8 @@ class TnTOptimizer(torch.optim.AdamW):
         t = train_cfg.resolved(model_cfg.norm)
         specs = param_specs(model_cfg)
         named = dict(model.named_parameters())
-        extra = [n for n in named if n not in specs]
-        missing = [n for n in specs if n not in named]
-        if extra or missing:
-            raise KeyError(f"model parameters do not match the config ({model_cfg.arch}, "
-                           f"{model_cfg.norm}): missing {missing[:8]}, unexpected {extra[:8]}")
-        self.names = list(specs)
+        check_names(named, model_cfg, "model parameters")
+        self.model_cfg = model_cfg
         self.name_of = {named[n]: n for n in specs}
         groups: dict[tuple[float, bool], list[torch.Tensor]] = defaultdict(list)
         for name, spec in specs.items():
@@ -204,12 +200,8 @@ class TnTOptimizer(torch.optim.AdamW):
         `moment_factors` (`tnt.checkpoint_meta.adam_moment_factors`, for a version-1 checkpoint)
         multiply a parameter's `exp_avg` by the factor and its `exp_avg_sq` by the square."""
         factors = moment_factors or {}
-        expected = {f"{n}.{k}" for n in self.names for k in ADAM_KEYS}
-        missing = sorted(expected - set(arrays))
-        extra = sorted(set(arrays) - expected)
-        if missing or extra:
-            raise KeyError(f"optimizer state does not match the model: missing {missing[:8]}, "
-                           f"unexpected {extra[:8]}")
+        check_names(arrays, self.model_cfg, "optimizer state entries",
+                    tuple(f".{k}" for k in ADAM_KEYS))
         for p, name in self.name_of.items():
             st = {}
             for key in ADAM_KEYS:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from tnt.config import TrainConfig
+from tnt.config import TrainConfig, microbatch_rows
 from tnt.threads import available_cores
 from tnt_torch import distributed
 from tnt_torch.model import TnT, loss_fn
@@ -48,9 +48,7 @@ def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
 def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
     """Microbatch i is rows i, i+n, i+2n, ... of the global batch (the split of
     `tnt_jax.train.microbatches`)."""
-    rows = batch["labels"].shape[0]
-    if rows % n:
-        raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={n}")
+    microbatch_rows(batch["labels"].shape[0], n)
     return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
 
 
@@ -58,10 +56,11 @@ def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch
 def token_sum(model: TnT, batch: dict[str, torch.Tensor], grad_accum: int = 1) -> tuple[float, int]:
     """(summed nats over the non-pad labels, their count) of a batch, run as `grad_accum`
     microbatches like the train step: evaluation never holds more activations than a training
-    microbatch (the mirror of `tnt_jax.train.make_eval_step`)."""
+    microbatch (the mirror of `tnt_jax.train.make_eval_step`). The batch's ids were validated
+    where it was built (the backend), so the forward reads nothing back to check them."""
     total, count = 0.0, 0
     for micro in microbatches(batch, grad_accum):
-        loss, c = loss_fn(model, micro)
+        loss, c = loss_fn(model, micro, check_ids=False)
         total, count = total + float(loss) * int(c), count + int(c)
     return total, count
 
@@ -76,14 +75,15 @@ def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor
     mean is weighted by its share of the global tokens (`Replica.weight`) before its backward: the
     summed gradients are then those of one big batch (the mirror of
     `tnt_jax.train.accumulated_grads`). Under DDP only the last microbatch's backward
-    all-reduces (`Replica.sync`); the earlier ones accumulate locally.
+    all-reduces (`Replica.sync`); the earlier ones accumulate locally. The batch's ids were
+    validated where it was built (the backend's `_put`), not again per microbatch.
     """
     parts = microbatches(batch, grad_accum)
     count = replica.global_count(batch)
     loss = torch.zeros((), dtype=torch.float32, device=count.device)
     for i, micro in enumerate(parts):
         with replica.sync(i == len(parts) - 1):
-            part, part_count = loss_fn(replica.forward, micro)
+            part, part_count = loss_fn(replica.forward, micro, check_ids=False)
             weighted = part * replica.weight(part_count, count)
             weighted.backward()
         loss += weighted.detach()
