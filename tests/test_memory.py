@@ -8,8 +8,8 @@ import json
 import pytest
 
 from experiments import plan
-from tnt.config import build_run_config
-from tnt.memory import BYTES, kept_per_token, step_memory
+from tnt.config import GPU_DEVICES, build_run_config
+from tnt.memory import BYTES, choose_microbatch, kept_per_token, step_memory
 
 
 def tiny(layers: int, rows: int, seq: int, **sets):
@@ -64,3 +64,26 @@ def test_plan_prints_the_compiler_and_the_analytic_estimates(capsys):
     assert einsum["parameter_bytes"] == r["parameter_bytes"]
     assert 0 < flash["activation_bytes"] < einsum["activation_bytes"]
     assert einsum["total_bytes"] == sum(v for k, v in einsum.items() if k != "total_bytes")
+
+
+@pytest.mark.parametrize("preset", list(GPU_DEVICES))
+def test_gpu_presets_are_bfloat16_and_fit_their_device_with_the_margin(preset):
+    cfg, _ = plan.sized_for_vocabulary(build_run_config(preset), vocab_explicit=False)
+    memory, margin = GPU_DEVICES[preset]
+    count = plan.parameter_count(cfg)
+    assert cfg.model.dtype == "bfloat16"
+    assert step_memory(cfg, count, flash=True).total_bytes <= (1 - margin) * memory
+    assert choose_microbatch(cfg, count, memory, margin) == (cfg.model.remat, cfg.train.grad_accum)
+
+
+def test_choose_microbatch_prefers_no_remat_then_block_then_refuses():
+    cfg = tiny(4, 8, 256, dtype="bfloat16")
+    p = 10_000
+    whole = step_memory(cfg, p, flash=True).total_bytes
+    assert choose_microbatch(cfg, p, whole / 0.9, 0.1) == ("none", 1)
+    block = step_memory(tiny(4, 8, 256, dtype="bfloat16", remat="block", grad_accum=8), p,
+                        flash=True).total_bytes
+    none_one = step_memory(tiny(4, 8, 256, dtype="bfloat16", grad_accum=8), p, flash=True).total_bytes
+    assert block < none_one
+    assert choose_microbatch(cfg, p, none_one - 1, 0.0)[0] == "block"
+    assert choose_microbatch(cfg, p, 1.0, 0.1) is None

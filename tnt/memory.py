@@ -92,3 +92,18 @@ def step_memory(cfg: RunConfig, parameter_count: int, flash: bool) -> Memory:
     return Memory(parameter_bytes=p, gradient_bytes=p, optimizer_state_bytes=2 * p,
                   accumulator_bytes=p if cfg.train.grad_accum > 1 else 0,
                   activation_bytes=kept, working_bytes=working)
+
+
+def choose_microbatch(cfg: RunConfig, parameter_count: int, device_memory: float,
+                      margin: float) -> tuple[str, int] | None:
+    """(remat, grad_accum) for `cfg` with flash attention within `(1 - margin) * device_memory`:
+    no remat where any microbatch fits (recomputing every block costs a third more compute),
+    else block; the largest microbatch that divides batch_size. None when nothing fits."""
+    batch = cfg.train.batch_size
+    for remat in ("none", "block"):
+        for rows in sorted((r for r in range(1, batch + 1) if batch % r == 0), reverse=True):
+            trial = RunConfig(dataclasses.replace(cfg.model, remat=remat),
+                              dataclasses.replace(cfg.train, grad_accum=batch // rows))
+            if step_memory(trial, parameter_count, flash=True).total_bytes <= (1 - margin) * device_memory:
+                return remat, batch // rows
+    return None
