@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from experiments import acceptance
 from experiments.flags import Parser
 from tnt.backend import BACKENDS, backend
 
@@ -48,16 +49,26 @@ def main(argv=None) -> int:
     p = Parser(prog="python -m experiments.doctor", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--full", action="store_true",
+                   help="also train each framework: tokens/s, MFU, predicted and measured peak "
+                        "memory, remat's saving (experiments.acceptance)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per case with --full")
     args = p.parse_args(argv)
     infos = [_safely(name) for name in BACKENDS]
     warnings = warnings_for(*infos) + [f"{i['framework']} failed: {i['error']}"
                                        for i in infos if "error" in i]
+    full = ([row for i in infos if "error" not in i for row in acceptance.check(i["framework"],
+                                                                                  args.steps)]
+            if args.full else None)
     if args.json:
-        print(json.dumps({"frameworks": infos, "warnings": warnings}, indent=1))
+        print(json.dumps({"frameworks": infos, "warnings": warnings,
+                          **({"full": full} if args.full else {})}, indent=1))
     else:
         for i in infos:
             extra = f", CUDA {i['cuda']}" if i.get("cuda") else ""
             print(f"{i['framework']} {i['version']}{extra}: {', '.join(i['devices'])}")
+        for row in full or []:
+            print(acceptance.describe(row))
         for w in warnings:
             print(f"warning: {w}")
     return 1 if warnings else 0

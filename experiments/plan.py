@@ -37,6 +37,7 @@ import time
 from experiments.flags import Parser
 from tnt.config import PRESETS, REMATS, ConfigError, RunConfig, build_run_config, parse_set
 from tnt.data import DataError, make_tokenizer
+from tnt.memory import step_memory
 from tnt.params import param_specs
 from tnt.special_ids import tokenizer_special_ids
 
@@ -197,10 +198,21 @@ def plan(cfg: RunConfig, device_memory: float, remats: tuple[str, ...] = REMATS,
               "vocabulary": vocabulary, "parameter_count": parameter_count(cfg),
               "device_memory_bytes": device_memory, "compiler": compiler(), **step,
               "fits": step["needed_bytes"] <= device_memory}
+    result["analytic"] = analytic(cfg, result["parameter_count"])
     if not result["fits"]:
         raise DoesNotFit(result)
     result["microbatch"] = [fit_microbatch(cfg, r, device_memory, progress) for r in remats]
     return result
+
+
+def analytic(cfg: RunConfig, parameters: int) -> dict:
+    """tnt.memory's count of the step as configured, with the einsum attention the compiler here
+    traces and with a fused (flash) kernel as on a GPU."""
+    out = {}
+    for name, flash in (("einsum", False), ("flash", True)):
+        m = step_memory(cfg, parameters, flash)
+        out[name] = {**dataclasses.asdict(m), "total_bytes": m.total_bytes}
+    return out
 
 
 class DoesNotFit(Exception):
@@ -236,6 +248,8 @@ def describe(name: str, r: dict) -> str:
         f"  temporaries       {human(r['temporary_bytes']):>10}",
         f"  needed            {human(r['needed_bytes']):>10} of "
         f"{human(r['device_memory_bytes'])}: fits",
+        f"  analytic          {human(r['analytic']['einsum']['total_bytes']):>10} with einsum "
+        f"attention, {human(r['analytic']['flash']['total_bytes'])} with flash (tnt.memory)",
     ]
     for fit in r["microbatch"]:
         best = fit["largest_microbatch"]

@@ -4,8 +4,9 @@ accelerator, and a warning naming the blind framework when only one does."""
 from __future__ import annotations
 
 import json
+import math
 
-from experiments import doctor
+from experiments import acceptance, doctor
 
 
 def test_doctor_on_this_machine(capsys):
@@ -34,3 +35,20 @@ def test_doctor_warns_when_only_one_framework_sees_a_gpu(monkeypatch, capsys):
     assert doctor.main([]) == 1
     assert "torch sees cuda:NVIDIA H200 but jax 9.9 sees only the CPU" in capsys.readouterr().out
     assert doctor.warnings_for(cpu, {**cpu, "framework": "jax"}) == []
+
+
+def test_doctor_full_on_the_cpu_trains_both_frameworks(capsys):
+    doctor.main(["--full", "--json", "--steps", "1"])
+    r = json.loads(capsys.readouterr().out)
+    rows = r["full"]
+    assert [(x["framework"], x["case"]) for x in rows] == [
+        (f, c) for f in ("jax", "torch") for c in ("gpu-small", "decoder-124m")]
+    for x in rows:
+        assert x["dtype"] == "bfloat16"
+        assert math.isfinite(x["tokens_per_s"]) and x["tokens_per_s"] > 0
+        assert math.isfinite(x["mfu"]) and x["mfu"] > 0
+        assert x["predicted_peak_bytes"] > 0
+        # the CPU has no device-memory counter: nothing measured, nothing invented
+        assert x["measured_peak_bytes"] is None and x["remat_saving_bytes"] is None
+    line = acceptance.describe(rows[0])
+    assert line.startswith("jax   gpu-small") and "tokens/s" in line and "peak n/a measured" in line

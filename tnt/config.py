@@ -307,27 +307,31 @@ def did_you_mean(name: str, choices) -> str:
 # The vocabulary comes from the run's tokenizer, and with it the size: the paper's 0.5B and 1B
 # assume LLaMA-2's 32k vocabulary (468.5M and 1,026.2M parameters with its appended pad); the
 # default byte tokenizer gives 403.5M and 944.9M (`python -m experiments.plan` prints the count).
-# Each GPU preset's microbatch (batch_size / grad_accum) is the one `python -m experiments.plan`
-# finds to fit its device (README, "Planning a run"): gpu-small one 80 GB GPU, ngpt-0.5b and
-# ngpt-1b one 141 GB H200, in float32 without remat (bf16 and remat leave more room).
+# The GPU presets compute in bfloat16 with the remat and microbatch (batch_size / grad_accum)
+# that `tnt.memory.choose_microbatch` picks for flash attention with a 10% margin (GPU_DEVICES):
+# gpu-small one 80 GB GPU, ngpt-0.5b and ngpt-1b one 141 GB H200 (tests/test_memory.py).
 PRESETS: dict[str, dict[str, object]] = {
     "cpu": {},
     "cpu-tiny": {"d_model": 64, "n_heads": 2, "n_encoder_layers": 1, "n_decoder_layers": 1,
                  "max_steps": 50, "batch_size": 8, "seq_len": 32},
     "gpu-small": {"d_model": 768, "n_heads": 12, "n_encoder_layers": 6, "n_decoder_layers": 6,
                   "max_len_encoder": 1024, "max_len_decoder": 1024, "seq_len": 512,
-                  "batch_size": 64, "grad_accum": 2, "max_steps": 20000, "eval_every": 500,
-                  "ckpt_every": 2000},
+                  "dtype": "bfloat16", "batch_size": 64, "grad_accum": 1, "max_steps": 20000,
+                  "eval_every": 500, "ckpt_every": 2000},
     "ngpt-0.5b": {"arch": "decoder_only", "d_model": 1024, "n_heads": 16, "n_decoder_layers": 24,
                   "max_len_encoder": 4096, "max_len_decoder": 4096, "seq_len": 4096,
-                  "batch_size": 128, "grad_accum": 64, "max_steps": 100000, "eval_every": 1000,
-                  "ckpt_every": 5000},
+                  "dtype": "bfloat16", "batch_size": 128, "grad_accum": 8, "max_steps": 100000,
+                  "eval_every": 1000, "ckpt_every": 5000},
     "ngpt-1b": {"arch": "decoder_only", "d_model": 1280, "n_heads": 20, "n_decoder_layers": 36,
                 "max_len_encoder": 4096, "max_len_decoder": 4096, "seq_len": 4096,
-                "batch_size": 128, "grad_accum": 128, "max_steps": 100000, "eval_every": 1000,
-                "ckpt_every": 5000},
+                "dtype": "bfloat16", "batch_size": 128, "grad_accum": 16, "max_steps": 100000,
+                "eval_every": 1000, "ckpt_every": 5000},
 }
 
+
+# (bytes of device memory, margin) each GPU preset is sized for
+GPU_DEVICES: dict[str, tuple[float, float]] = {"gpu-small": (80e9, 0.1), "ngpt-0.5b": (141e9, 0.1),
+                                               "ngpt-1b": (141e9, 0.1)}
 
 # Peak learning rates per norm where a preset's measured optimum differs from the paper's
 # (15e-4 nGPT, 6e-4 baseline, which the paper-scale presets keep): chosen by the compare sweep that
