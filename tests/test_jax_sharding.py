@@ -66,8 +66,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def runs():
-    # XLA backend (LLVM) optimization level 0 halves the compile time of the four train steps; the partitioning
-    # under test is the same, and every mesh is compared with a one-device run built the same way.
+    # XLA backend (LLVM) optimization level 0 halves the compile time of the four train steps; the
+    # partitioning under test is the same, and every mesh is compared with a one-device run built alike.
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                                       "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
