@@ -91,7 +91,7 @@ def sweep_args(corpus, out, seeds):
     return ["--preset", "cpu-tiny", "--data", corpus, "--max-steps", "3", "--eval-every", "1",
             "--ngpt-lrs", "4e-3,1e-2", "--rmsnorm-lrs", "1e-3,3e-3", "--seeds", str(seeds),
             "--out", str(out), "--set", "seq_len=16", "--set", "eval_batches=1",
-            "--set", "sample_tokens=1", "--set", "analysis_every=0"]
+            "--set", "sample_tokens=0", "--set", "analysis_every=0"]
 
 
 def local_mc_task(root: Path) -> Path:

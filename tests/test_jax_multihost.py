@@ -22,7 +22,10 @@ def _val_loss(stdout: str) -> float:
 
 def test_two_hosts_match_one_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    # XLA backend (LLVM) optimization level 0 cuts the three processes' compile time; both sides of
+    # the comparison are built alike.
+    fast = "--xla_backend_optimization_level=0"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {fast}",
            "JAX_PLATFORMS": "cpu"}
     flags = [sys.executable, "-m", "experiments.pretrain", "--preset", "cpu-tiny", "--arch",
              "decoder_only", "--max-steps", "2", "--eval-every", "2", "--set", "eval_batches=1",
@@ -47,7 +50,7 @@ def test_two_hosts_match_one_process(tmp_path):
         assert load(tmp_path / "hosts")[1].model.d_model == 64
     one = subprocess.run([*flags, "--out", str(tmp_path / "one")], cwd=root, capture_output=True,
                          text=True, timeout=400, env={
-                             **env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                             **env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {fast}"})
     assert one.returncode == 0, one.stderr[-3000:]
     # printed with 4 decimals; the runs differ by fp32 summation order only
     assert abs(_val_loss(outs[0][0]) - _val_loss(one.stdout)) <= 2e-4
