@@ -159,10 +159,11 @@ class KVCache:
 
 class DecodeCache:
     """What decoding keeps between calls of `TnT.extend`: per decoder layer the self-attention
-    cache and (encoder_decoder) the cross-attention cache with its mask."""
+    cache and (encoder_decoder) the cross-attention cache, and which encoder tokens are real
+    (None: all of them) (the fields of `tnt_jax.model.DecodeCache`)."""
 
-    def __init__(self, layers: list[tuple[KVCache, KVCache | None]], cross_mask: Mask | None):
-        self.layers, self.cross_mask = layers, cross_mask
+    def __init__(self, layers: list[tuple[KVCache, KVCache | None]], enc_valid_BxS: torch.Tensor | None):
+        self.layers, self.enc_valid_BxS = layers, enc_valid_BxS
 
 
 def _derived(module: nn.Module, name: str, fn) -> torch.Tensor:
@@ -507,19 +508,18 @@ class TnT(nn.Module):
         each layer's cross-attention keys and values are computed once."""
         cfg, device = self.cfg, self.lm_head.device
         shape = (batch, cfg.n_heads, length, cfg.head_dim)
-        enc_out, cross_mask = None, None
+        enc_out, enc_valid = None, None
         if cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
             enc_out = self.encode(enc_tokens_BxS) if enc_BxSxD is None else enc_BxSxD
-            valid = self._valid(enc_tokens_BxS)
-            cross_mask = Mask(False, None if valid is None else valid[:, None, None, :])
+            enc_valid = self._valid(enc_tokens_BxS)
         dtype = self.lm_head.dtype if self.dtype == torch.float32 else self.dtype  # project's
         layers = [(KVCache(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)),
                    None if enc_out is None else layer.cross.keys_values(enc_out))
                   for layer in self.decoder.layers]
-        return DecodeCache(layers, cross_mask)
+        return DecodeCache(layers, enc_valid)
 
     def extend(self, tokens_BxT, positions_BxT, cache: DecodeCache, *, check_ids: bool = True
                ) -> tuple[torch.Tensor, DecodeCache]:
@@ -545,8 +545,12 @@ class TnT(nn.Module):
         else:
             cols = torch.arange(n_cols, device=tokens_BxT.device)
             self_mask = Mask(False, cols[None, None, None, :] <= positions_BxT[:, None, :, None])
+        cross_mask = None
+        if cache.layers[0][1] is not None:  # encoder_decoder
+            valid = cache.enc_valid_BxS
+            cross_mask = Mask(False, None if valid is None else valid[:, None, None, :])
         rope = self.rope(cache.layers[0][0].k.shape[2], tokens_BxT.device)
-        h, _ = self.decoder.forward(tokens_BxT, self_mask, rope, None, cache.cross_mask,
+        h, _ = self.decoder.forward(tokens_BxT, self_mask, rope, None, cross_mask,
                                     positions_BxT, cache.layers)
         return self._logits(h), cache
 
