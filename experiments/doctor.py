@@ -3,7 +3,7 @@
 Prints JAX's and torch's versions and devices and warns when one framework sees an accelerator
 and the other does not: the usual cause is an install that brought only one framework's GPU build
 (`pip install -e ".[dev,cuda]"` brings JAX's CUDA plugin; torch's CUDA build comes from the
-PyTorch wheel index, see README "Install"). Then that framework silently trains on the CPU and the
+PyTorch wheel index, see docs/install.md). Then that framework silently trains on the CPU and the
 GPU parity tests skip. Exit code 1 when there is a warning, 0 otherwise.
 """
 
@@ -26,7 +26,7 @@ def info(name: str) -> dict:
 def warnings_for(jax: dict, torch: dict) -> list[str]:
     """A line for each framework that trains on the CPU while the other has an accelerator."""
     out = []
-    for seen, blind, fix in ((jax, torch, "install torch's CUDA build (README, Install)"),
+    for seen, blind, fix in ((jax, torch, "install torch's CUDA build (docs/install.md)"),
                              (torch, jax, 'pip install -e ".[cuda]" (JAX\'s CUDA plugin)')):
         if seen["accelerator"] and not blind["accelerator"]:
             out.append(f"{seen['framework']} sees {', '.join(seen['devices'])} but "

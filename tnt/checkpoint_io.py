@@ -157,7 +157,7 @@ def read_meta(step_dir: Path, kind: str) -> dict:
 
 
 def run_config(meta: dict, where) -> RunConfig:
-    """The run config saved in a checkpoint's metadata; one that today's validation refuses is a
+    """The run config saved in a checkpoint's metadata; one that this version's validation refuses is a
     CheckpointError naming the checkpoint (so readers fall back and CLIs print one line)."""
     try:
         return RunConfig.from_dict(meta["config"])

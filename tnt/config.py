@@ -335,7 +335,7 @@ GPU_DEVICES: dict[str, tuple[float, float]] = {"gpu-small": (80e9, 0.1), "ngpt-0
 
 # Peak learning rates per norm where a preset's measured optimum differs from the paper's
 # (15e-4 nGPT, 6e-4 baseline, which the paper-scale presets keep): chosen by the compare sweep that
-# README.md ("Analysis and comparison") records. A run's config stores the rate it used.
+# docs/results.md records. A run's config stores the rate it used.
 PRESET_LRS: dict[str, dict[str, float]] = {
     "cpu": {"ngpt": 8e-3, "rmsnorm": 2e-3},
 }

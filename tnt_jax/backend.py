@@ -160,7 +160,7 @@ def check(role: Role, cfg: RunConfig) -> None:
     """fsdp=true is torch's; the mesh must split the model and the batch."""
     if cfg.train.fsdp:
         raise ConfigError("fsdp=true is torch's FSDP2; with --backend jax shard with "
-                          "--mesh fsdp=F (see README)")
+                          "--mesh fsdp=F (docs/scale.md)")
     if "mesh" in role.options:
         sharding.check_fits(sharding.mesh_shape(role.options["mesh"]), cfg)
 

@@ -165,7 +165,7 @@ def start(launch: Launch) -> Role:
     """torchrun's `RANK` and `WORLD_SIZE`; each rank's `Trainer` joins the process group."""
     if launch.mesh or launch.coordinator:
         raise ConfigError("--mesh and --coordinator are for --backend jax; launch torch "
-                          "with torchrun --nproc-per-node N (see README)")
+                          "with torchrun --nproc-per-node N (docs/scale.md)")
     return Role(env_int("RANK") or 0, env_int("WORLD_SIZE") or 1)
 
 
