@@ -29,12 +29,18 @@ def args(backend, corpus, out, *extra):
             "--set", "decay_steps=6", "--set", "analysis_every=0", *extra]
 
 
+def _default_sigint() -> None:
+    """A background job (CI started by a script) inherits SIGINT ignored, and the run keeps an
+    ignored signal ignored; the child gets the default disposition, as a terminal's job has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def killed_run(kill_at, *argv, sig="SIGKILL"):
     """`python -m experiments.pretrain ARGV` in a subprocess that sends itself `sig` at `kill_at`."""
     env = {**os.environ, KILL_ENV: kill_at, SIGNAL_ENV: sig, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, preexec_fn=_default_sigint)
     if sig == "SIGKILL":
         assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     return done
