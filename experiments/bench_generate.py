@@ -28,8 +28,9 @@ from tnt.generation import Sampling
 from tnt.tokenizer import FIRST_ID
 
 
-def add_parser(sub) -> None:
-    g = sub.add_parser("generate", help="time cached vs uncached decoding (prints JSON)")
+def model_flags(g) -> None:
+    """The model a decoding benchmark times: a backend (or all), a preset refined by flags, or a
+    trained checkpoint."""
     g.add_argument("--backend", choices=[*BACKENDS, "all"], default="jax")
     g.add_argument("--preset", choices=list(PRESETS), default="cpu")
     g.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
@@ -37,6 +38,11 @@ def add_parser(sub) -> None:
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field (repeatable)")
     g.add_argument("--ckpt", help="time a trained checkpoint instead of a random-init model")
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="time cached vs uncached decoding (prints JSON)")
+    model_flags(g)
     g.add_argument("--new-tokens", type=int, default=256)
     g.add_argument("--prompt-len", type=int, default=32,
                    help="prompt ids (the encoder's for encoder_decoder); a decoder_only prompt "

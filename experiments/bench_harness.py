@@ -19,21 +19,16 @@ import time
 
 import numpy as np
 
+from experiments.bench_generate import model_flags
 from tnt import harness
 from tnt.backend import BACKENDS, Backend, backend
-from tnt.config import PRESETS, ConfigError, build_run_config
+from tnt.config import ConfigError, build_run_config
 from tnt.tokenizer import FIRST_ID
 
 
 def add_parser(sub) -> None:
     g = sub.add_parser("harness", help="time the harness model's loglikelihood requests (prints JSON)")
-    g.add_argument("--backend", choices=[*BACKENDS, "all"], default="jax")
-    g.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    g.add_argument("--arch", choices=["encoder_decoder", "decoder_only"])
-    g.add_argument("--norm", choices=["ngpt", "rmsnorm"])
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field (repeatable)")
-    g.add_argument("--ckpt", help="time a trained checkpoint instead of a random-init model")
+    model_flags(g)
     g.add_argument("--requests", type=int, default=128)
     g.add_argument("--context-len", type=int, default=48, help="mean context ids (48)")
     g.add_argument("--continuation-len", type=int, default=8, help="longest continuation (8)")
