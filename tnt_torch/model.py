@@ -218,6 +218,15 @@ def _param(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
     return nn.Parameter(value)
 
 
+def initial_values(cfg: ModelConfig, seed: int = 0):
+    """(name, initial value) of every parameter, one at a time in `param_specs` order: the
+    generator and the order `TnT(cfg, seed)` draws them in, so the same numbers. A model built on
+    the `meta` device fills its shards from these (`tnt_torch.distributed.build_sharded`)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, spec in param_specs(cfg).items():
+        yield name, _param(spec, gen).detach()
+
+
 class Attention(nn.Module):
     """Multi-head attention; with ngpt, q and k are unit-normalized per head and scaled by s_qk.
 
