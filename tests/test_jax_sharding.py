@@ -1,5 +1,6 @@
-"""tnt_jax.sharding: the same numbers on any (data, fsdp, tensor) mesh as on one device, really
-sharded parameters and Adam moments, checkpoints across mesh shapes, bad meshes refused.
+"""tnt_jax.sharding: the state built on the mesh (one jitted init with the rules' shardings, the
+numbers of a one-device init), the same steps on any (data, fsdp, tensor) mesh as on one device,
+really sharded parameters and Adam moments, checkpoints across mesh shapes, bad meshes refused.
 
 The mesh runs share one subprocess with 8 forced CPU devices (each JAX start and compile costs
 seconds); the mesh validation is pure and runs in this process.
