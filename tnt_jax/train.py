@@ -18,14 +18,28 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tnt.config import microbatch_rows
-from tnt_jax.model import loss_fn, merge_params
+from tnt.config import ModelConfig, microbatch_rows
+from tnt_jax.model import TnT, loss_fn, merge_params, split_params
 
 
 class TrainState(NamedTuple):
     params: dict[str, jax.Array]
     opt_state: optax.OptState
     step: jax.Array
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state: the model's own initialization seeded by `seed`, `tx`'s state, step 0.
+
+    A pure function of its arguments, so `jax.jit` with output shardings computes every array
+    where it lives (each device only its shards; `tnt_jax.backend.Trainer`)."""
+    _, params = split_params(TnT(cfg, nnx.Rngs(params=seed)))
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def model_graph(cfg: ModelConfig) -> nnx.GraphDef:
+    """The model's structure without its arrays (traced abstractly: nothing is allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: TnT(cfg, nnx.Rngs(params=0))), nnx.Param)[0]
 
 
 def microbatches(batch: dict, n: int) -> dict:

@@ -47,7 +47,10 @@ class Trainer:
         if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
             device = distributed.init_process_group()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
+        if cfg.train.fsdp and distributed.launched():  # built on the mesh: shards only
+            self.net = distributed.build_sharded(cfg.model, cfg.train.seed, self.device)
+        else:
+            self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
         self.replica = distributed.Replica(self.net, cfg, self.device)
         self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)

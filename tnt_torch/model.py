@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -216,6 +217,15 @@ def _param(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
     if spec.project_axis is not None:
         value = l2norm(value, spec.project_axis)
     return nn.Parameter(value)
+
+
+def initial_values(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, initial value) of every parameter, one at a time in `param_specs` order: the
+    generator and the order `TnT(cfg, seed)` draws them in, so the same numbers. A model built on
+    the `meta` device fills its shards from these (`tnt_torch.distributed.build_sharded`)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, spec in param_specs(cfg).items():
+        yield name, _param(spec, gen).detach()
 
 
 class Attention(nn.Module):
