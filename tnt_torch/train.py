@@ -56,8 +56,9 @@ def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch
 def token_sum(model: TnT, batch: dict[str, torch.Tensor], grad_accum: int = 1) -> tuple[float, int]:
     """(summed nats over the non-pad labels, their count) of a batch, run as `grad_accum`
     microbatches like the train step: evaluation never holds more activations than a training
-    microbatch (the mirror of `tnt_jax.train.make_eval_step`). The batch's ids were validated
-    where it was built (the backend), so the forward reads nothing back to check them."""
+    microbatch (the mirror of `tnt_jax.train.token_sum`, which returns device arrays). The
+    batch's ids were validated where it was built (the backend), so the forward reads nothing
+    back to check them."""
     total, count = 0.0, 0
     for micro in microbatches(batch, grad_accum):
         loss, c = loss_fn(model, micro, check_ids=False)
@@ -74,9 +75,10 @@ def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor
     The loss is the mean over the non-pad labels of the WHOLE global batch, so each microbatch's
     mean is weighted by its share of the global tokens (`Replica.weight`) before its backward: the
     summed gradients are then those of one big batch (the mirror of
-    `tnt_jax.train.accumulated_grads`). Under DDP only the last microbatch's backward
-    all-reduces (`Replica.sync`); the earlier ones accumulate locally. The batch's ids were
-    validated where it was built (the backend's `_put`), not again per microbatch.
+    `tnt_jax.train.accumulate_grads`, which returns the gradients instead). Under DDP only the
+    last microbatch's backward all-reduces (`Replica.sync`); the earlier ones accumulate locally.
+    The batch's ids were validated where it was built (the backend's `_put`), not again per
+    microbatch.
     """
     parts = microbatches(batch, grad_accum)
     count = replica.global_count(batch)
