@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
-from tnt.rope import reference_swap_table, rotate_half_tables
+from tnt.rope import position_tables
 from tnt_torch.distributed import full, like, local
 
 
@@ -105,21 +105,22 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
 class RoPE:
     """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
 
-    Holds the tables for positions 0..length-1 (float64 numpy `tnt.rope`, shared with tnt_jax)
-    and hides which transform they serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
+    Hides which transform its tables serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
     `pos * base^(-2i/dh)`, computed as `x * [cos, cos] + swap_halves(x) * [-sin, sin]` (three
     ops), or, with `rope_mode="ngpt_reference"` (imported checkpoints only), the public nGPT
-    code's `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10).
+    code's `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10). Both mirrors build each
+    length's tables once (`tnt.rope.position_tables`) and keep the forward from copying them to
+    the device: here `TnT.rope` keeps one `RoPE` per (length, device), since a copy to a GPU at
+    each call would wait for it.
     """
 
     def __init__(self, cfg: ModelConfig, length: int, device: torch.device | str = "cpu"):
         self.reference = cfg.rope_mode == "ngpt_reference"
-        if self.reference:
-            tables = (reference_swap_table(length, cfg.head_dim, cfg.rope_base),)
-        else:
-            cos, sin = rotate_half_tables(length, cfg.head_dim, cfg.rope_base)
+        tables = position_tables(cfg.rope_mode, length, cfg.head_dim, cfg.rope_base)
+        if not self.reference:
+            cos, sin = tables
             tables = (np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1))
-        self.tables = tuple(torch.from_numpy(t).to(device) for t in tables)
+        self.tables = tuple(torch.tensor(t, device=device) for t in tables)
 
     def apply(self, x_BxLxK: torch.Tensor, positions_BxL: torch.Tensor | None = None
               ) -> torch.Tensor:
