@@ -454,11 +454,16 @@ class TnT(nn.Module):
             self._rope_cache[key] = RoPE(self.cfg, length, device)
         return self._rope_cache[key]
 
-    def _valid(self, tokens_BxL: torch.Tensor, padded: bool | None) -> torch.Tensor | None:
-        """Non-pad positions [B, L], or None when the tokens are known to hold no pad (the fast
-        path). Decided by what the caller knows, never by reading the device: unknown padding
-        builds the mask, which gives the same values."""
-        return None if padded is False else tokens_BxL != self.cfg.pad_id
+    def _valid(self, tokens_BxL: torch.Tensor, padded: bool | None, read: bool = False
+               ) -> torch.Tensor | None:
+        """Non-pad positions [B, L], or None when the tokens hold no pad (the fast path). Decided
+        by what the caller knows: unknown padding is read back only with `read` (public calls
+        that read for their id check anyway), else the mask is built, which gives the same
+        values."""
+        valid = tokens_BxL != self.cfg.pad_id
+        if padded is None and read:
+            padded = not bool(valid.all())
+        return None if padded is False else valid
 
     def encode(self, enc_tokens_BxS: torch.Tensor, *, check_ids: bool = True,
                padded: bool | None = None) -> torch.Tensor:
@@ -484,7 +489,7 @@ class TnT(nn.Module):
         if enc_BxSxD is not None:
             if enc_tokens_BxS is None:
                 raise ValueError("decode with an encoder output needs enc_tokens for its mask")
-            enc_valid = self._valid(enc_tokens_BxS, padded)
+            enc_valid = self._valid(enc_tokens_BxS, padded, read=check_ids)
             cross_mask = Mask(False, None if enc_valid is None else
                               enc_valid[:, None, None, :].expand(-1, 1, L, -1))
         h, _ = self.decoder(dec_tokens_BxL, self_mask, self.rope(L, device), enc_BxSxD,
@@ -522,8 +527,9 @@ class TnT(nn.Module):
         if cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
-            enc_out = self.encode(enc_tokens_BxS, padded=padded) if enc_BxSxD is None else enc_BxSxD
-            enc_valid = self._valid(enc_tokens_BxS, padded)
+            enc_valid = self._valid(enc_tokens_BxS, padded, read=True)  # once per request
+            enc_out = (self.encode(enc_tokens_BxS, padded=enc_valid is not None)
+                       if enc_BxSxD is None else enc_BxSxD)
         dtype = self.lm_head.dtype if self.dtype == torch.float32 else self.dtype  # project's
         layers = [(KVCache(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)),
