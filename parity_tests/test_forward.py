@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from common import CASES, config, jax_batch, models, padded_batch, torch_batch
 
 import tnt_jax
 import tnt_torch
+from experiments.parity import CASES, config, jax_batch, models, padded_batch, torch_batch
 
 
 @pytest.mark.parametrize("arch, norm, activation", CASES)
