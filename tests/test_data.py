@@ -6,6 +6,7 @@ from tnt.data import (
     BatchSpec,
     DataError,
     check_token_ids,
+    has_pad,
     is_val_file,
     load_corpus,
     read_token_dir,
@@ -116,6 +117,15 @@ def test_out_of_range_token_ids_are_reported_with_position():
         check_token_ids(np.array([[0, 5], [40, 1]]), 40, "tokens")
     with pytest.raises(ValueError, match="token id -1"):
         check_token_ids(np.array([-1]), 40)
+
+
+def test_has_pad_looks_at_the_model_inputs_only():
+    real = np.array([[3, 4], [5, 6]])
+    assert not has_pad({"dec_tokens": real, "labels": np.array([[4, 0], [6, 0]])}, 0)  # labels: no input
+    assert has_pad({"dec_tokens": np.array([[3, 0]]), "labels": real}, 0)
+    assert has_pad({"enc_tokens": np.array([[0, 3]]), "dec_tokens": real}, 0)
+    assert not has_pad({"enc_tokens": None, "dec_tokens": real}, 0)
+    assert has_pad({"dec_tokens": real}, 6)
 
 
 def test_prepare_then_pretrain_reads_the_token_folder(tmp_path, capsys):

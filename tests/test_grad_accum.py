@@ -18,17 +18,18 @@ from flax import nnx
 from helpers import random_tokens, tiny_config
 
 from tnt.config import ConfigError, RunConfig, TrainConfig
+from tnt_jax import train as jax_train
 from tnt_jax.backend import Trainer as JaxTrainer
 from tnt_jax.model import TnT, split_params
 from tnt_jax.optim import build_optimizer
-from tnt_jax.train import TrainState, accumulated_grads, make_eval_step, make_train_step
+from tnt_jax.train import TrainState, make_eval_step, make_train_step
 from tnt_torch.backend import Trainer as TorchTrainer
 from tnt_torch.train import accumulate_grads, microbatches
 
 TOL = 1e-5
 STEPS = 3
 # compiled as the train step runs it: run eagerly, every operation of the model compiles alone
-jit_accumulated_grads = jax.jit(accumulated_grads, static_argnums=(0, 3))
+jit_accumulate_grads = jax.jit(jax_train.accumulate_grads, static_argnums=(0, 3))
 
 
 def padded_batch(cfg, seed: int, B: int = 8, Le: int = 6, Ld: int = 8) -> dict[str, np.ndarray]:
@@ -54,9 +55,9 @@ def test_jax_microbatch_gradients_equal_the_big_batch(arch, norm):
     cfg = tiny_config(arch, norm)
     graphdef, params = split_params(TnT(cfg, nnx.Rngs(0)))
     batch = {k: jnp.asarray(v) for k, v in padded_batch(cfg, 0).items()}
-    loss1, count1, g1 = jit_accumulated_grads(graphdef, params, batch, 1)
+    loss1, count1, g1 = jit_accumulate_grads(graphdef, params, batch, 1)
     for n in (2, 4):
-        loss, count, g = jit_accumulated_grads(graphdef, params, batch, n)
+        loss, count, g = jit_accumulate_grads(graphdef, params, batch, n)
         assert int(count) == int(count1) == 8 * 9 // 2
         assert abs(float(loss) - float(loss1)) <= TOL * abs(float(loss1))
         scale = max(float(jnp.abs(v).max()) for v in g1.values())
@@ -67,12 +68,12 @@ def test_jax_microbatch_gradients_equal_the_big_batch(arch, norm):
 
 def test_jax_mean_of_microbatch_means_would_differ():
     """The batch is uneven enough that averaging the microbatch gradients unweighted is detectably
-    wrong: the token weighting in `accumulated_grads` is what the equality above tests."""
+    wrong: the token weighting in JAX's `accumulate_grads` is what the equality above tests."""
     cfg = tiny_config("decoder_only", "ngpt")
     graphdef, params = split_params(TnT(cfg, nnx.Rngs(0)))
     batch = {k: jnp.asarray(v) for k, v in padded_batch(cfg, 0).items()}
-    g1 = jit_accumulated_grads(graphdef, params, batch, 1)[2]
-    halves = [jit_accumulated_grads(graphdef, params, {k: v[i::2] for k, v in batch.items()}, 1)[2]
+    g1 = jit_accumulate_grads(graphdef, params, batch, 1)[2]
+    halves = [jit_accumulate_grads(graphdef, params, {k: v[i::2] for k, v in batch.items()}, 1)[2]
               for i in range(2)]
     scale = max(float(jnp.abs(v).max()) for v in g1.values())
     worst = max(float(jnp.abs((halves[0][n] + halves[1][n]) / 2 - g1[n]).max()) for n in g1)

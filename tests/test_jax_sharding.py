@@ -1,5 +1,6 @@
-"""tnt_jax.sharding: the same numbers on any (data, fsdp, tensor) mesh as on one device, really
-sharded parameters and Adam moments, checkpoints across mesh shapes, bad meshes refused.
+"""tnt_jax.sharding: the state built on the mesh (one jitted init with the rules' shardings, the
+numbers of a one-device init), the same steps on any (data, fsdp, tensor) mesh as on one device,
+really sharded parameters and Adam moments, checkpoints across mesh shapes, bad meshes refused.
 
 The mesh runs share one subprocess with 8 forced CPU devices (each JAX start and compile costs
 seconds); the mesh validation is pure and runs in this process.
@@ -19,12 +20,16 @@ from tnt_jax.sharding import MeshShape, check_fits, partition_spec
 
 SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
+    from functools import partial
     import jax, numpy as np
+    from flax import nnx
     from tnt.config import build_run_config
     from tnt.data import BatchSpec
     from tnt.params import param_specs
     from tnt_jax import sharding as sh
     from tnt_jax.backend import Trainer as JaxTrainer
+    from tnt_jax.model import TnT, to_canonical
+    from tnt_jax.train import init_state
 
     cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only", "seq_len=8", "batch_size=8"])
     spec = BatchSpec(cfg.model.arch, 8, 8, 8, cfg.model.bos_id)
@@ -32,10 +37,35 @@ SCRIPT = textwrap.dedent("""
     batches = [spec.make(rng.integers(3, 259, (8, spec.window))) for _ in range(4)]
     specs = param_specs(cfg.model)
     out, backends = {"devices": jax.device_count()}, {}
+
+    # Built on the mesh: every random draw of a Trainer's init must be traced (inside the jitted
+    # init), never a concrete array made on one device first.
+    draws, normal = [], jax.random.normal
+    def watched(*args, **kwargs):
+        x = normal(*args, **kwargs)
+        draws.append(isinstance(x, jax.core.Tracer))
+        return x
+    jax.random.normal = watched
+
+    def initial(b):  # the fresh state as numpy; whether each leaf has the rules' sharding
+        laid = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), b.state,
+                            b.state_sharding)
+        rules = sh.param_shardings(b.mesh, b.cfg.model)
+        adam = [x for x in jax.tree.leaves(b.state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+                if hasattr(x, "mu")]  # Adam's moments take the params' shardings
+        mu, nu = adam[0].mu, adam[0].nu
+        return {"params": {k: sh.to_numpy(v).tolist() for k, v in b.state.params.items()},
+                "opt": [sh.to_numpy(x).tolist() for x in jax.tree.leaves(b.state.opt_state)],
+                "step": int(b.state.step), "laid": jax.tree.all(laid),
+                "rules": all(b.state.params[n].sharding == rules[n] and
+                             mu[n].sharding.spec == nu[n].sharding.spec == rules[n].spec
+                             for n in rules)}
+
     for text in ("one", "data=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2"):
         devices = jax.devices()[:1] if text == "one" else None
         shape = sh.MeshShape.parse("" if text == "one" else text, 1 if devices else 8)
         b = backends[text] = JaxTrainer(cfg, sh.build_mesh(shape, devices))
+        out.setdefault("init", {})[text] = initial(b)
         losses = [float(b.step(x)["loss"]) for x in batches[:3]]
         params = {k: sh.to_numpy(v) for k, v in b.state.params.items()}
         norms = [float(np.max(np.abs(np.linalg.norm(params[n].astype(np.float64),
@@ -45,6 +75,26 @@ SCRIPT = textwrap.dedent("""
                      "sphere": max(norms),
                      "param_bytes": max(sh.bytes_per_device(b.state.params).values()),
                      "opt_bytes": max(sh.bytes_per_device(b.state.opt_state).values())}
+    # The init program itself: no inputs, sharded outputs, and never the whole state on a device.
+    b = backends["data=2,fsdp=4"]
+    init = partial(init_state, cfg.model, b.tx, cfg.train.seed)
+    memory = jax.jit(init, out_shardings=b.state_sharding).lower().compile().memory_analysis()
+    out["init_memory"] = {"arguments": memory.argument_size_in_bytes,
+                          "outputs": memory.output_size_in_bytes,
+                          "temps": memory.temp_size_in_bytes,
+                          "per_device": max(sh.bytes_per_device(b.state).values()),
+                          "whole": sum(x.nbytes for x in jax.tree.leaves(b.state))}
+    # rmsnorm has no unit-norm reduction in its init: every mesh draws the very same numbers.
+    plain = build_run_config("cpu-tiny", sets=["arch=decoder_only", "norm=rmsnorm", "batch_size=8"])
+    for text in ("one", "data=2,fsdp=2,tensor=2"):
+        devices = jax.devices()[:1] if text == "one" else None
+        shape = sh.MeshShape.parse("" if text == "one" else text, 1 if devices else 8)
+        mesh = sh.build_mesh(shape, devices)
+        out.setdefault("rmsnorm_init", {})[text] = initial(JaxTrainer(plain, mesh))
+    jax.random.normal = normal
+    out["draws"] = draws
+    eager = TnT(cfg.model, nnx.Rngs(params=cfg.train.seed))
+    out["eager"] = {k: v.tolist() for k, v in to_canonical(eager).items()}
     # Checkpoint across mesh shapes: written on 2x4x1, restored on one device and on 2x2x2.
     with tempfile.TemporaryDirectory() as tmp:
         writer = backends["data=2,fsdp=4"]
@@ -127,6 +177,48 @@ def test_checkpoint_restores_across_mesh_shapes(runs):
     assert one["same"] and tp["same"] and one["step"] == tp["step"] == 3
     assert tp["spec"] == ["fsdp", "tensor"]
     assert abs(one["next_loss"] - tp["next_loss"]) < TOL
+
+
+def test_the_state_is_built_on_the_mesh(runs):
+    """Every Trainer's init ran traced (no random draw was concrete), each leaf comes out with the
+    rules' sharding, and the init is one program without inputs whose outputs are the devices'
+    shards: it never holds the whole state on a device (2x4x1: about a third of it)."""
+    assert runs["draws"] and all(runs["draws"])
+    for init in (*runs["init"].values(), *runs["rmsnorm_init"].values()):
+        assert init["laid"] and init["rules"] and init["step"] == 0
+    m = runs["init_memory"]
+    assert m["arguments"] == 0
+    # outputs are this device's shards (plus a few bytes of scalar alignment per leaf)
+    assert m["per_device"] <= m["outputs"] <= m["per_device"] + 64 * 64
+    assert m["outputs"] + m["temps"] < m["whole"]
+
+
+def test_the_sharded_init_equals_the_unsharded_one(runs):
+    """The same numbers on every mesh as on one device for the same seed: bit for bit where the
+    init has no reduction (rmsnorm, Adam's zero moments, the step), and for nGPT's unit-norm
+    matrices up to the summation order of the norm, which crosses the fsdp shards: the sum of n
+    squares moves by at most (n - 1) units of round-off (2^-24) relatively, its inverse square
+    root by half that, plus a few roundings: |y - y'| <= (n + 4) 2^-24 max|y|. The eager build
+    (a model constructed outside jit) gives the same numbers up to the same bound."""
+    from tnt.params import param_specs
+
+    one = runs["rmsnorm_init"]["one"]
+    assert runs["rmsnorm_init"]["data=2,fsdp=2,tensor=2"] == one
+    cfg = build_run_config("cpu-tiny", sets=["arch=decoder_only"]).model
+    specs = param_specs(cfg)
+    ref = runs["init"]["one"]
+    assert any(np.abs(v).max() > 0 for v in map(np.asarray, ref["params"].values()))
+    for mesh, got in [*runs["init"].items(), ("eager", {"params": runs["eager"]})]:
+        if mesh != "eager":
+            assert got["opt"] == ref["opt"] and got["step"] == 0, mesh
+        for name, value in ref["params"].items():
+            spec, a, b = specs[name], np.asarray(got["params"][name]), np.asarray(value)
+            if spec.project_axis is None and mesh != "eager":
+                np.testing.assert_array_equal(a, b, err_msg=f"{mesh}: {name}")
+            else:  # a normalized matrix, or the eager build's own rounding of the draws
+                n = spec.shape[spec.project_axis] if spec.project_axis is not None else 1
+                tol = (n + 4) * 2.0**-24 * np.abs(b).max()
+                np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=f"{mesh}: {name}")
 
 
 @pytest.mark.parametrize("text, words", [

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -126,9 +127,18 @@ FSDP_SCRIPT = textwrap.dedent("""
                 json.dump({"losses": losses, "vals": vals, "params": params, "opt": state}, f)
 
     from tnt.params import param_specs
+    from tnt_torch import model as tm
     state_names = list(param_specs(cfg.model))
+    built, init = [], tm.TnT.__init__  # the device of every model the trainer constructs
+
+    def watched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(str(next(self.parameters()).device))
+
+    tm.TnT.__init__ = watched
     if ckpt != "-":  # a fresh run of 3 steps, evaluated after steps 1 and 3, saved at 3
         backend = TorchTrainer(cfg)
+        start = {n: a.tolist() for n, a in backend.arrays(state_names).items()}  # gathered
         losses = [float(backend.step(batches[0])["loss"])]
         vals = [backend.evaluate(iter(batches[:2]))]
         losses += [float(backend.step(b)["loss"]) for b in batches[1:3]]
@@ -141,6 +151,9 @@ FSDP_SCRIPT = textwrap.dedent("""
                 sum(local(backend.opt.state[p]["exp_avg_sq"]).numel() for p in ps)]
         vals.append(held)  # compared separately
         dump(backend, "fresh", losses, vals)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(out, "init.json"), "w") as f:
+                json.dump({"params": start, "built": built}, f)
     if resume != "-":  # resume another launch's step 3 and take steps 4 and 5
         backend = TorchTrainer(cfg)
         backend.restore(resume)
@@ -186,6 +199,12 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross(tmp_path):
     one, one_ckpt = _launch([sys.executable], tmp_path, "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     fsdp, fsdp_ckpt = _launch(torchrun, tmp_path, "fsdp", resume=one_ckpt)
+    # Built on the mesh: the FSDP trainer constructed its model on the meta device only, and
+    # the shards it filled gather to one process's initial parameters bit for bit.
+    assert one["init"]["built"] == ["cpu"] and fsdp["init"]["built"] == ["meta"]
+    assert one["init"]["params"].keys() == fsdp["init"]["params"].keys()
+    for name, value in one["init"]["params"].items():
+        np.testing.assert_array_equal(fsdp["init"]["params"][name], value, err_msg=name)
     # fp32 tolerance as in the DDP test: partial sums in another order, Adam-normalized steps
     held = {name: run["fresh"]["vals"].pop() for name, run in (("one", one), ("fsdp", fsdp))}
     _close(fsdp["fresh"], one["fresh"], 1e-5)
@@ -215,6 +234,24 @@ def test_fsdp2_matches_one_process_and_checkpoints_cross(tmp_path):
     # one process resumes the FSDP checkpoint: the same continuation as FSDP from one process's
     back, _ = _launch([sys.executable], tmp_path, "back", resume=fsdp_ckpt, fresh=False)
     _close({**back["resumed"], "vals": []}, {**fsdp["resumed"], "vals": []}, 1e-5)
+
+
+@pytest.mark.parametrize("sets", [[], ["arch=decoder_only"], ["norm=rmsnorm"],
+                                  ["arch=decoder_only", "norm=rmsnorm"]])
+def test_initial_values_are_the_models_own(sets):
+    """`initial_values` (what FSDP2's meta-device build fills its shards from) draws the numbers
+    `TnT(cfg, seed)` holds, bit for bit: the same generator consumed in the same order."""
+    import torch
+
+    from tnt.config import build_run_config
+    from tnt_torch.model import TnT, initial_values
+
+    cfg = build_run_config("cpu-tiny", sets=sets).model
+    named = dict(TnT(cfg, seed=5).named_parameters())
+    values = dict(initial_values(cfg, seed=5))
+    assert values.keys() == named.keys()
+    for name, value in values.items():
+        assert torch.equal(value, named[name].detach()), name
 
 
 def test_fsdp_needs_several_ranks(capsys, tmp_path):

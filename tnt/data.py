@@ -360,6 +360,14 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str = "tokens") -
                          f"[0, vocab_size={vocab_size})")
 
 
+def has_pad(batch: dict[str, np.ndarray], pad_id: int) -> bool:
+    """Whether a batch's model inputs (`enc_tokens`, `dec_tokens`; labels are no input) hold a pad
+    token, read on the host where the batch is built: a torch forward told False takes its
+    unmasked fast path without reading the device to find out."""
+    return any(bool(np.any(np.asarray(batch[k]) == pad_id)) for k in ("enc_tokens", "dec_tokens")
+               if batch.get(k) is not None)
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """What a batch looks like: the objective of docs/design.md for an arch."""

@@ -3,6 +3,9 @@
 `rotate_half_tables` serve the standard rotary embedding TnT uses: pairs (x[i], x[i + dh/2])
 rotated by angle `pos * base^(-2i/dh)`.
 
+`position_tables` is what both frameworks' `RoPE` read: each (mode, length, head dim, base) is
+built once per process and shared, read-only.
+
 `reference_tables` serve `rope_mode="ngpt_reference"`, a compatibility option that reproduces the
 public nGPT code's `apply_rotary_position_embeddings` exactly, for models trained with that code.
 That function is not a rotation (NVIDIA/ngpt#10): it builds interleaved sinusoidal embeddings
@@ -13,6 +16,8 @@ That function is not a rotation (NVIDIA/ngpt#10): it builds interleaved sinusoid
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -41,3 +46,19 @@ def reference_swap_table(length: int, head_dim: int, base: float) -> np.ndarray:
     table = np.empty((length, head_dim), np.float32)
     table[:, 0::2], table[:, 1::2] = -cos_half, sin_half
     return table
+
+
+@functools.lru_cache(maxsize=32)
+def position_tables(rope_mode: str, length: int, head_dim: int, base: float) -> tuple[np.ndarray, ...]:
+    """The tables of `rope_mode`'s transform for positions 0..length-1, built once (the 32 latest
+    kept) and read-only: (cos, sin) [L, dh/2] for "rotate", the swap table [L, dh] for
+    "ngpt_reference"."""
+    if rope_mode == "ngpt_reference":
+        tables = (reference_swap_table(length, head_dim, base),)
+    elif rope_mode == "rotate":
+        tables = rotate_half_tables(length, head_dim, base)
+    else:
+        raise ValueError(f"rope_mode must be 'rotate' or 'ngpt_reference', got {rope_mode!r}")
+    for t in tables:
+        t.flags.writeable = False
+    return tables

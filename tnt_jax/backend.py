@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -29,7 +30,7 @@ from tnt_jax.generate import inference
 from tnt_jax.model import TnT, merge_params, split_params
 from tnt_jax.optim import build_optimizer, convert_adam_moments, lr_table
 from tnt_jax.score import label_logprobs
-from tnt_jax.train import TrainState, make_eval_step, make_train_step
+from tnt_jax.train import TrainState, init_state, make_eval_step, make_train_step, model_graph
 
 name = "jax"
 
@@ -53,14 +54,13 @@ class Trainer:
         self.cfg = cfg
         self.mesh = mesh or sharding.build_mesh(sharding.MeshShape.parse("", jax.device_count()))
         sharding.check_fits(sharding.mesh_shape(self.mesh), cfg)
-        model = TnT(cfg.model, nnx.Rngs(params=cfg.train.seed))
-        self.graphdef, params = split_params(model)
+        self.graphdef = model_graph(cfg.model)
         self.tx = build_optimizer(cfg.model, cfg.train)
-        self.state_sharding = self._shardings(params)
-        params = jax.device_put(params, self.state_sharding.params)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
-        self.state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32),
-                                                                  self.state_sharding.step))
+        # Built on the mesh: the model's init and tx.init run as one jitted program whose outputs
+        # are sharded by the rules, so no device (or host) ever holds the whole state.
+        init = partial(init_state, cfg.model, self.tx, cfg.train.seed)
+        self.state_sharding = self._shardings(jax.eval_shape(init).params)
+        self.state = jax.jit(init, out_shardings=self.state_sharding)()
         # an input of the step, not a constant in it: runs differing only in lr share one program
         self.lr_table = jax.device_put(jnp.asarray(lr_table(cfg.model, cfg.train)),
                                        NamedSharding(self.mesh, P()))
@@ -70,7 +70,7 @@ class Trainer:
                                            self.state_sharding)
         self._eval_step = make_eval_step(self.graphdef, cfg.train.grad_accum)
 
-    def _shardings(self, params: dict[str, jax.Array]) -> TrainState:
+    def _shardings(self, params: dict[str, jax.ShapeDtypeStruct]) -> TrainState:
         by_name = sharding.param_shardings(self.mesh, self.cfg.model)
         return TrainState(by_name, sharding.opt_state_shardings(self.mesh, self.tx, params, by_name),
                           NamedSharding(self.mesh, P()))

@@ -20,7 +20,7 @@ from flax import nnx
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
-from tnt.rope import reference_swap_table, rotate_half_tables
+from tnt.rope import position_tables
 from tnt_jax.attention import Mask, attend
 
 
@@ -99,19 +99,18 @@ def project(x_BxLxD: jax.Array, w_DxF: jax.Array, dtype) -> jax.Array:
 class RoPE:
     """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
 
-    Holds the tables for positions 0..length-1, computed once in float64 by the shared numpy
-    `tnt.rope`, and hides which transform they serve: the rotation of pairs
-    (x[i], x[i + dh/2]) by angle `pos * base^(-2i/dh)` (the "rotate half" convention), or, with
+    Hides which transform its tables serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
+    `pos * base^(-2i/dh)` (the "rotate half" convention), or, with
     `rope_mode="ngpt_reference"` (imported checkpoints only), the public nGPT code's transform
-    `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10).
+    `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10). Both mirrors build each
+    length's tables once (`tnt.rope.position_tables`) and keep the forward from copying them to
+    the device: here a `RoPE` per call is free, since under `jit` its tables are constants of the
+    compiled step.
     """
 
     def __init__(self, cfg: ModelConfig, length: int):
         self.reference = cfg.rope_mode == "ngpt_reference"
-        if self.reference:
-            tables = (reference_swap_table(length, cfg.head_dim, cfg.rope_base),)
-        else:
-            tables = rotate_half_tables(length, cfg.head_dim, cfg.rope_base)
+        tables = position_tables(cfg.rope_mode, length, cfg.head_dim, cfg.rope_base)
         self.tables = tuple(jnp.asarray(t) for t in tables)
 
     def tree_flatten(self):

@@ -15,8 +15,10 @@ table, never the model:
   activations ("involuntary full rematerialization") to save a few hundred floats.
 
 Both Adam moments take their parameter's sharding (`optax.tree_map_params` walks the optimizer
-state by the params' tree structure), and batches shard their rows over `(data, fsdp)`. The
-compiled step computes the same function on any mesh; only the float summation order changes.
+state by the params' tree structure), and batches shard their rows over `(data, fsdp)`. The state
+is created with these shardings: `tnt_jax.train.init_state` runs under `jax.jit` with them as
+output shardings, so each device computes only its shards. The compiled step computes the same
+function on any mesh; only the float summation order changes.
 """
 
 from __future__ import annotations

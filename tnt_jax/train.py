@@ -18,14 +18,28 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tnt.config import microbatch_rows
-from tnt_jax.model import loss_fn, merge_params
+from tnt.config import ModelConfig, microbatch_rows
+from tnt_jax.model import TnT, loss_fn, merge_params, split_params
 
 
 class TrainState(NamedTuple):
     params: dict[str, jax.Array]
     opt_state: optax.OptState
     step: jax.Array
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state: the model's own initialization seeded by `seed`, `tx`'s state, step 0.
+
+    A pure function of its arguments, so `jax.jit` with output shardings computes every array
+    where it lives (each device only its shards; `tnt_jax.backend.Trainer`)."""
+    _, params = split_params(TnT(cfg, nnx.Rngs(params=seed)))
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def model_graph(cfg: ModelConfig) -> nnx.GraphDef:
+    """The model's structure without its arrays (traced abstractly: nothing is allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: TnT(cfg, nnx.Rngs(params=0))), nnx.Param)[0]
 
 
 def microbatches(batch: dict, n: int) -> dict:
@@ -40,14 +54,17 @@ def microbatches(batch: dict, n: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
-def token_sum(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(summed nats over the non-pad labels, their count): what microbatches add up."""
+def microbatch_sum(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(summed nats over the non-pad labels, their count) of one microbatch: what the
+    microbatches of `accumulate_grads` and `token_sum` add up."""
     loss, count = loss_fn(merge_params(graphdef, params), batch)
     return loss * count, count
 
 
-def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_accum: int):
-    """(loss, label tokens, grads) of the global batch, from `grad_accum` microbatches.
+def accumulate_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_accum: int):
+    """(loss, label tokens, grads) of the global batch, from `grad_accum` microbatches: a pure
+    function returning the grads (`tnt_torch.train.accumulate_grads`, the same job, leaves them
+    in `.grad`, torch's idiom).
 
     The loss is the mean over the non-pad labels of the WHOLE batch, so each microbatch
     contributes its token sum (its mean times its count), not its mean: the sums and their
@@ -61,7 +78,7 @@ def accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_ac
 
     def body(carry, micro):
         total, count, grads = carry
-        (s, c), g = jax.value_and_grad(partial(token_sum, graphdef), has_aux=True)(params, micro)
+        (s, c), g = jax.value_and_grad(partial(microbatch_sum, graphdef), has_aux=True)(params, micro)
         carry = (total + s.astype(total.dtype), count + c.astype(count.dtype),
                  jax.tree.map(jnp.add, grads, g))
         return carry, None
@@ -79,7 +96,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     With `state_sharding` the new state is pinned to it (parameters and moments stay sharded).
 
     With `grad_accum` > 1 the batch is split into microbatches inside the compiled step
-    (`accumulated_grads`); clipping, the eigen LRs and the projection (all in `tx`) then see the
+    (`accumulate_grads`); clipping, the eigen LRs and the projection (all in `tx`) then see the
     accumulated gradient once per global step.
 
     `lr_table` (`tnt_jax.optim.lr_table` as a jax array), when given, is passed to `tx.update`:
@@ -90,7 +107,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None))
     def train_step(state: TrainState, batch: dict[str, jax.Array], lr_table: jax.Array | None = None):
-        loss, count, grads = accumulated_grads(graphdef, state.params, batch, grad_accum)
+        loss, count, grads = accumulate_grads(graphdef, state.params, batch, grad_accum)
         rates = {} if lr_table is None else {"lr_table": lr_table}
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **rates)
         params = optax.apply_updates(state.params, updates)
@@ -100,20 +117,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     return train_step
 
 
+def token_sum(graphdef: nnx.GraphDef, params: dict, batch: dict, grad_accum: int = 1
+              ) -> tuple[jax.Array, jax.Array]:
+    """(summed nats over the non-pad labels, their count) of a batch, run as `grad_accum`
+    microbatches in a `lax.scan` like the train step: evaluation never holds more activations
+    than a training microbatch (the planner sizes that, not the whole batch). The same job as
+    `tnt_torch.train.token_sum`; this one is pure and traceable (`make_eval_step` compiles it)."""
+    if grad_accum == 1:
+        return microbatch_sum(graphdef, params, batch)
+
+    def body(carry, micro):
+        s, c = microbatch_sum(graphdef, params, micro)
+        return (carry[0] + s.astype(jnp.float32), carry[1] + c.astype(jnp.int32)), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    return jax.lax.scan(body, init, microbatches(batch, grad_accum))[0]
+
+
 def make_eval_step(graphdef: nnx.GraphDef, grad_accum: int = 1):
-    """(summed nats, label tokens) of a batch, compiled once. Like the train step it runs the
-    batch as `grad_accum` microbatches in a `lax.scan`, so evaluation never holds more
-    activations than a training microbatch (the planner sizes that, not the whole batch)."""
-    @jax.jit
-    def eval_step(params, batch):
-        if grad_accum == 1:
-            return token_sum(graphdef, params, batch)
-
-        def body(carry, micro):
-            s, c = token_sum(graphdef, params, micro)
-            return (carry[0] + s.astype(jnp.float32), carry[1] + c.astype(jnp.int32)), None
-
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        return jax.lax.scan(body, init, microbatches(batch, grad_accum))[0]
-
-    return eval_step
+    """`token_sum` of (params, batch), compiled once."""
+    return jax.jit(partial(token_sum, graphdef, grad_accum=grad_accum))

@@ -15,7 +15,7 @@ from tnt import checkpoint_io
 from tnt.backend import Launch, Role, env_int
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import ConfigError, ModelConfig, RunConfig
-from tnt.data import check_token_ids
+from tnt.data import check_token_ids, has_pad
 from tnt.generation import Generation, Sampling
 from tnt_torch import checkpoint, distributed
 from tnt_torch.checkpoint import load  # noqa: F401 (the adapter's `load`)
@@ -47,7 +47,10 @@ class Trainer:
         if distributed.launched():  # a torchrun rank: one device per process, DDP or FSDP2
             device = distributed.init_process_group()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
+        if cfg.train.fsdp and distributed.launched():  # built on the mesh: shards only
+            self.net = distributed.build_sharded(cfg.model, cfg.train.seed, self.device)
+        else:
+            self.net = TnT(cfg.model, seed=cfg.train.seed).to(self.device)
         self.replica = distributed.Replica(self.net, cfg, self.device)
         self.rows = self.replica.rows
         self.opt = TnTOptimizer(self.net, cfg.model, cfg.train)
@@ -68,9 +71,10 @@ class Trainer:
         self.net.train()
         tensors = self._put(batch)
         accum = self.cfg.train.grad_accum
+        padded = has_pad(batch, self.cfg.model.pad_id)
         if self._unproven:
             try:
-                loss, count = accumulate_grads(self.replica, tensors, accum)
+                loss, count = accumulate_grads(self.replica, tensors, accum, padded=padded)
             except ValueError:
                 raise
             except Exception as e:  # inductor/dynamo failures come in many types
@@ -79,10 +83,10 @@ class Trainer:
                 self.net.compile_blocks(False)
                 self.compiled = False
                 self.opt.zero_grad(set_to_none=True)
-                loss, count = accumulate_grads(self.replica, tensors, accum)
+                loss, count = accumulate_grads(self.replica, tensors, accum, padded=padded)
             self._unproven = False
         else:
-            loss, count = accumulate_grads(self.replica, tensors, accum)
+            loss, count = accumulate_grads(self.replica, tensors, accum, padded=padded)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": self.opt.last_grad_norm, "tokens": count}
@@ -93,7 +97,8 @@ class Trainer:
         self.net.eval()
         total, count = 0.0, 0
         for batch in batches:
-            s, c = token_sum(self.net, self._put(batch), self.cfg.train.grad_accum)
+            s, c = token_sum(self.net, self._put(batch), self.cfg.train.grad_accum,
+                             padded=has_pad(batch, self.cfg.model.pad_id))
             total, count = total + s, count + c
         if self.replica.fsdp:
             distributed.reshard(self.net)
@@ -196,7 +201,8 @@ def _checked(model: TnT, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor
 
 def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]]:
     model.eval()
-    return lambda batch: token_sum(model, _checked(model, batch), cfg.train.grad_accum)
+    return lambda batch: token_sum(model, _checked(model, batch), cfg.train.grad_accum,
+                                   padded=has_pad(batch, model.cfg.pad_id))
 
 
 @torch.no_grad()

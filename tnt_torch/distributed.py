@@ -11,10 +11,12 @@ all-reduce every rank holds the same gradient, so every rank clips, steps and ap
 projection identically; only rank 0 writes checkpoints and logs.
 
 Under FSDP2 every parameter (and, through the optimizer, both Adam moments) is a DTensor sharded
-on dim 0 over the ranks; the reduce-scatter averages gradients as DDP does, so the same weights
-apply. The optimizer reduces across shards where a reduction crosses them (`tnt_torch.optim`),
-and checkpoints hold full tensors (`full`, gathered on every rank; rank 0 writes), resharded on
-load (`like`), so FSDP, DDP and one-process checkpoints are interchangeable.
+on dim 0 over the ranks, built that way (`build_sharded`: on the meta device, then each rank's
+shards only, with the values of the one-process init); the reduce-scatter averages gradients as
+DDP does, so the same weights apply. The optimizer reduces across shards where a reduction
+crosses them (`tnt_torch.optim`), and checkpoints hold full tensors (`full`, gathered on every
+rank; rank 0 writes), resharded on load (`like`), so FSDP, DDP and one-process checkpoints are
+interchangeable.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tnt.config import ConfigError, RunConfig
+from tnt.config import ConfigError, ModelConfig, RunConfig
 
 if TYPE_CHECKING:
     from tnt_torch.model import TnT
@@ -90,6 +92,29 @@ def shard(net: TnT) -> TnT:
     return net
 
 
+def build_sharded(cfg: ModelConfig, seed: int, device: torch.device) -> TnT:
+    """The model under FSDP2 without a whole copy on any device: built on `meta` (shapes only),
+    sharded, given storage for this rank's shards on `device` (`to_empty`), and each shard filled
+    with its slice of `TnT(cfg, seed)`'s values. Those come from `initial_values`, which draws each
+    parameter whole on the CPU from the one seeded generator, in creation order: drawing a slice
+    alone would give other numbers (a generator's stream is sequential), so each rank draws every
+    parameter in turn, keeps its rows and frees it; the host holds one parameter at a time."""
+    from tnt_torch.model import TnT, initial_values
+
+    with torch.device("meta"):
+        net = TnT(cfg, seed)
+    shard(net)
+    net.to_empty(device=device)
+    named = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in initial_values(cfg, seed):
+            p = named[name]  # every rank holds `value`: slice it locally, no communication
+            rows = distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
+                                     src_data_rank=None)
+            local(p).copy_(local(rows))
+    return net
+
+
 def reshard(net: TnT) -> None:
     """Register the sharded parameters again after a forward without backward (evaluation): the
     root keeps its gathered parameters after its forward, expecting the backward, so until then
@@ -133,7 +158,8 @@ class Replica:
         if self.fsdp and self.world == 1:
             raise ConfigError(FSDP_NEEDS_RANKS)
         if self.fsdp:
-            shard(net)
+            if not isinstance(net, FSDPModule):  # `build_sharded` shards as it builds
+                shard(net)
         elif self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.forward = _Forward(DistributedDataParallel(net, device_ids=ids), net.cfg)

@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from tnt.data import has_pad
 from tnt.generation import (
     GREEDY,
     Batch,
@@ -75,7 +76,8 @@ def _generate_cached(model: TnT, batch: Batch, sampling: Sampling, want_logits: 
     B, P = dec.shape
     enc = (None if batch.enc_BxS is None else
            torch.as_tensor(batch.enc_BxS, dtype=torch.long, device=device))
-    cache = model.start_cache(B, batch.cache_len, enc)
+    cache = model.start_cache(B, batch.cache_len, enc,
+                              padded=has_pad({"enc_tokens": batch.enc_BxS}, cfg.pad_id))
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     logits, cache = model.extend(dec, torch.arange(P, device=device).expand(B, P), cache)
     logits = logits[torch.arange(B, device=device), lengths - 1]

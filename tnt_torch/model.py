@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from tnt.config import ModelConfig
 from tnt.data import check_token_ids
 from tnt.params import ParamSpec, check_canonical, param_specs
-from tnt.rope import reference_swap_table, rotate_half_tables
+from tnt.rope import position_tables
 from tnt_torch.distributed import full, like, local
 
 
@@ -105,21 +106,22 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
 class RoPE:
     """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
 
-    Holds the tables for positions 0..length-1 (float64 numpy `tnt.rope`, shared with tnt_jax)
-    and hides which transform they serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
+    Hides which transform its tables serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
     `pos * base^(-2i/dh)`, computed as `x * [cos, cos] + swap_halves(x) * [-sin, sin]` (three
     ops), or, with `rope_mode="ngpt_reference"` (imported checkpoints only), the public nGPT
-    code's `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10).
+    code's `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10). Both mirrors build each
+    length's tables once (`tnt.rope.position_tables`) and keep the forward from copying them to
+    the device: here `TnT.rope` keeps one `RoPE` per (length, device), since a copy to a GPU at
+    each call would wait for it.
     """
 
     def __init__(self, cfg: ModelConfig, length: int, device: torch.device | str = "cpu"):
         self.reference = cfg.rope_mode == "ngpt_reference"
-        if self.reference:
-            tables = (reference_swap_table(length, cfg.head_dim, cfg.rope_base),)
-        else:
-            cos, sin = rotate_half_tables(length, cfg.head_dim, cfg.rope_base)
+        tables = position_tables(cfg.rope_mode, length, cfg.head_dim, cfg.rope_base)
+        if not self.reference:
+            cos, sin = tables
             tables = (np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1))
-        self.tables = tuple(torch.from_numpy(t).to(device) for t in tables)
+        self.tables = tuple(torch.tensor(t, device=device) for t in tables)
 
     def apply(self, x_BxLxK: torch.Tensor, positions_BxL: torch.Tensor | None = None
               ) -> torch.Tensor:
@@ -181,15 +183,13 @@ def _derived(module: nn.Module, name: str, fn) -> torch.Tensor:
 class Mask:
     """Which keys each query may see. `None` fields mean "all": the no-padding causal case runs
     SDPA's `is_causal` fast path; otherwise a boolean `[B, 1, L, S]` mask, and rows with no
-    visible key are zeroed explicitly (docs/design.md: exactly 0, never NaN)."""
+    visible key are zeroed explicitly (docs/design.md: exactly 0, never NaN) whenever a mask
+    exists: asking whether any row is empty would read the device back."""
 
     def __init__(self, causal: bool, keep_Bx1xLxS: torch.Tensor | None) -> None:
         self.causal = causal
         self.keep = keep_Bx1xLxS
-        self.empty_rows = None
-        if keep_Bx1xLxS is not None:
-            empty = ~keep_Bx1xLxS.any(-1, keepdim=True)
-            self.empty_rows = empty if bool(empty.any()) else None
+        self.empty_rows = None if keep_Bx1xLxS is None else ~keep_Bx1xLxS.any(-1, keepdim=True)
 
 
 def attend(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask: Mask, scale: float) -> torch.Tensor:
@@ -216,6 +216,15 @@ def _param(spec: ParamSpec, generator: torch.Generator) -> nn.Parameter:
     if spec.project_axis is not None:
         value = l2norm(value, spec.project_axis)
     return nn.Parameter(value)
+
+
+def initial_values(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, initial value) of every parameter, one at a time in `param_specs` order: the
+    generator and the order `TnT(cfg, seed)` draws them in, so the same numbers. A model built on
+    the `meta` device fills its shards from these (`tnt_torch.distributed.build_sharded`)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, spec in param_specs(cfg).items():
+        yield name, _param(spec, gen).detach()
 
 
 class Attention(nn.Module):
@@ -425,10 +434,13 @@ class TnT(nn.Module):
             stack.compiled = enable
         return self
 
-    def _check(self, tokens: torch.Tensor, max_len: int, what: str, ids: bool) -> None:
-        """Shape, dtype and, with `ids`, the id range of a token batch. The id range is read back
-        from the device (a sync): callers whose ids were validated where the batch was built (the
-        backend's `_put`, the decode loop's own choices) pass `check_ids=False`."""
+    def _check(self, tokens: torch.Tensor, max_len: int, what: str, ids: bool,
+               padded: bool | None = None) -> bool | None:
+        """Shape, dtype and, with `ids`, the id range of a token batch; returns whether it holds a
+        pad token: `padded` when the caller knows, else read back with the id range, else None
+        (unknown). The read is a device sync: callers who validated the ids where the batch was
+        built (the backend's `_put`, the decode loop's own choices) pass `check_ids=False` and
+        what they know of padding as `padded` (`tnt.data.has_pad`)."""
         if tokens.ndim != 2:
             raise ValueError(f"{what} must have shape [batch, length], got {tuple(tokens.shape)}")
         if tokens.shape[1] > max_len:
@@ -437,10 +449,13 @@ class TnT(nn.Module):
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"{what} must be integer token ids, got {tokens.dtype}")
         if not ids or tokens.numel() == 0:
-            return
+            return padded
         lo, hi = torch.aminmax(tokens)
-        if int(lo) < 0 or int(hi) >= self.cfg.vocab_size:
+        has_pad = (tokens == self.cfg.pad_id).any().to(lo.dtype)
+        lo, hi, has_pad = torch.stack([lo, hi, has_pad]).tolist()  # one read for the three
+        if lo < 0 or hi >= self.cfg.vocab_size:
             check_token_ids(tokens.cpu().numpy(), self.cfg.vocab_size, what)
+        return bool(has_pad) if padded is None else padded
 
     def rope(self, length: int, device: torch.device) -> RoPE:
         """The position transform for `length` positions, built once per length and device."""
@@ -449,24 +464,32 @@ class TnT(nn.Module):
             self._rope_cache[key] = RoPE(self.cfg, length, device)
         return self._rope_cache[key]
 
-    def _valid(self, tokens_BxL: torch.Tensor) -> torch.Tensor | None:
-        """Non-pad positions [B, L], or None when the batch has no padding (the fast path)."""
+    def _valid(self, tokens_BxL: torch.Tensor, padded: bool | None, read: bool = False
+               ) -> torch.Tensor | None:
+        """Non-pad positions [B, L], or None when the tokens hold no pad (the fast path). Decided
+        by what the caller knows: unknown padding is read back only with `read` (public calls
+        that read for their id check anyway), else the mask is built, which gives the same
+        values."""
         valid = tokens_BxL != self.cfg.pad_id
-        return None if bool(valid.all()) else valid
+        if padded is None and read:
+            padded = not bool(valid.all())
+        return None if padded is False else valid
 
-    def encode(self, enc_tokens_BxS: torch.Tensor, *, check_ids: bool = True) -> torch.Tensor:
+    def encode(self, enc_tokens_BxS: torch.Tensor, *, check_ids: bool = True,
+               padded: bool | None = None) -> torch.Tensor:
         """The encoder output [B, S, D] (ngpt: unit vectors; rmsnorm: after the final norm)."""
-        self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens", check_ids)
-        valid = self._valid(enc_tokens_BxS)
+        padded = self._check(enc_tokens_BxS, self.cfg.max_len_encoder, "enc_tokens", check_ids, padded)
+        valid = self._valid(enc_tokens_BxS, padded)
         S = enc_tokens_BxS.shape[1]
         mask = Mask(False, None if valid is None else valid[:, None, None, :].expand(-1, 1, S, S))
         return self.encoder(enc_tokens_BxS, mask, self.rope(S, enc_tokens_BxS.device))[0]
 
     def decode(self, dec_tokens_BxL, enc_BxSxD=None, enc_tokens_BxS=None, *,
-               check_ids: bool = True) -> torch.Tensor:
-        self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens", check_ids)
+               check_ids: bool = True, padded: bool | None = None) -> torch.Tensor:
+        dec_padded = self._check(dec_tokens_BxL, self.cfg.max_len_decoder, "dec_tokens", check_ids,
+                                 padded)
         L, device = dec_tokens_BxL.shape[1], dec_tokens_BxL.device
-        valid = self._valid(dec_tokens_BxL)
+        valid = self._valid(dec_tokens_BxL, dec_padded)
         if valid is None:
             self_mask = Mask(True, None)
         else:
@@ -476,7 +499,7 @@ class TnT(nn.Module):
         if enc_BxSxD is not None:
             if enc_tokens_BxS is None:
                 raise ValueError("decode with an encoder output needs enc_tokens for its mask")
-            enc_valid = self._valid(enc_tokens_BxS)
+            enc_valid = self._valid(enc_tokens_BxS, padded, read=check_ids)
             cross_mask = Mask(False, None if enc_valid is None else
                               enc_valid[:, None, None, :].expand(-1, 1, L, -1))
         h, _ = self.decoder(dec_tokens_BxL, self_mask, self.rope(L, device), enc_BxSxD,
@@ -502,18 +525,21 @@ class TnT(nn.Module):
             for m in modules:
                 m.__dict__.pop("_decoding_memo", None)
 
-    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None, enc_BxSxD=None) -> DecodeCache:
+    def start_cache(self, batch: int, length: int, enc_tokens_BxS=None, enc_BxSxD=None, *,
+                    padded: bool | None = None) -> DecodeCache:
         """Preallocated self-attention caches of `length` positions for `batch` rows; for
         encoder_decoder, the encoder runs here once (unless its output `enc_BxSxD` is given) and
-        each layer's cross-attention keys and values are computed once."""
+        each layer's cross-attention keys and values are computed once. `padded`: whether
+        `enc_tokens` hold a pad, if known (see `forward`)."""
         cfg, device = self.cfg, self.lm_head.device
         shape = (batch, cfg.n_heads, length, cfg.head_dim)
         enc_out, enc_valid = None, None
         if cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
-            enc_out = self.encode(enc_tokens_BxS) if enc_BxSxD is None else enc_BxSxD
-            enc_valid = self._valid(enc_tokens_BxS)
+            enc_valid = self._valid(enc_tokens_BxS, padded, read=True)  # once per request
+            enc_out = (self.encode(enc_tokens_BxS, padded=enc_valid is not None)
+                       if enc_BxSxD is None else enc_BxSxD)
         dtype = self.lm_head.dtype if self.dtype == torch.float32 else self.dtype  # project's
         layers = [(KVCache(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)),
@@ -554,15 +580,19 @@ class TnT(nn.Module):
                                     positions_BxT, cache.layers)
         return self._logits(h), cache
 
-    def forward(self, enc_tokens_BxS, dec_tokens_BxL, *, check_ids: bool = True) -> torch.Tensor:
+    def forward(self, enc_tokens_BxS, dec_tokens_BxL, *, check_ids: bool = True,
+                padded: bool | None = None) -> torch.Tensor:
         """Logits of `dec_tokens` (after the encoder's output of `enc_tokens`); `check_ids=False`
-        for batches validated where they were built (see `_check`)."""
+        for batches validated where they were built (see `_check`). `padded`: whether any token
+        is pad, known where the batch was built (`tnt.data.has_pad`); False takes SDPA's unmasked
+        fast path. Unknown (None), it is read with the id check, or the masks are built."""
         if self.cfg.has_encoder:
             if enc_tokens_BxS is None:
                 raise ValueError("encoder_decoder model needs enc_tokens")
-            return self.decode(dec_tokens_BxL, self.encode(enc_tokens_BxS, check_ids=check_ids),
-                               enc_tokens_BxS, check_ids=check_ids)
-        return self.decode(dec_tokens_BxL, check_ids=check_ids)
+            enc_BxSxD = self.encode(enc_tokens_BxS, check_ids=check_ids, padded=padded)
+            return self.decode(dec_tokens_BxL, enc_BxSxD, enc_tokens_BxS, check_ids=check_ids,
+                               padded=padded)
+        return self.decode(dec_tokens_BxL, check_ids=check_ids, padded=padded)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -578,11 +608,11 @@ def without_pad(logits_BxLxV: torch.Tensor, pad_id: int) -> torch.Tensor:
     return logits_BxLxV.masked_fill(is_pad_V, -torch.inf)
 
 
-def loss_fn(model: TnT, batch: dict[str, torch.Tensor], *, check_ids: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(model: TnT, batch: dict[str, torch.Tensor], *, check_ids: bool = True,
+            padded: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean float32 cross-entropy over non-pad labels, the softmax over the real tokens only;
-    returns (loss, number of label tokens)."""
-    logits = model(batch.get("enc_tokens"), batch["dec_tokens"], check_ids=check_ids)
+    returns (loss, number of label tokens). `check_ids`, `padded`: see `TnT.forward`."""
+    logits = model(batch.get("enc_tokens"), batch["dec_tokens"], check_ids=check_ids, padded=padded)
     labels = batch["labels"].long()
     pad = model.cfg.pad_id
     logits = without_pad(_at_least_float32(logits.reshape(-1, logits.shape[-1])), pad)

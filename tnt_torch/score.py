@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tnt.data import check_token_ids
+from tnt.data import check_token_ids, has_pad
 from tnt_torch.model import TnT, without_pad
 
 
@@ -18,7 +18,8 @@ def label_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> tuple[np.ndarray
         check_token_ids(np.asarray(ids), model.cfg.vocab_size, name)
     device = next(model.parameters()).device
     t = {k: torch.as_tensor(np.asarray(v, np.int64), device=device) for k, v in batch.items()}
-    logits_BxLxV = model(t.get("enc_tokens"), t["dec_tokens"])
+    logits_BxLxV = model(t.get("enc_tokens"), t["dec_tokens"], check_ids=False,  # checked above
+                         padded=has_pad(batch, model.cfg.pad_id))
     if logits_BxLxV.dtype not in (torch.float32, torch.float64):
         logits_BxLxV = logits_BxLxV.float()
     labels_BxL, pad = t["labels"], model.cfg.pad_id

@@ -53,20 +53,23 @@ def microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch
 
 
 @torch.no_grad()
-def token_sum(model: TnT, batch: dict[str, torch.Tensor], grad_accum: int = 1) -> tuple[float, int]:
+def token_sum(model: TnT, batch: dict[str, torch.Tensor], grad_accum: int = 1, *,
+              padded: bool | None = None) -> tuple[float, int]:
     """(summed nats over the non-pad labels, their count) of a batch, run as `grad_accum`
     microbatches like the train step: evaluation never holds more activations than a training
-    microbatch (the mirror of `tnt_jax.train.make_eval_step`). The batch's ids were validated
-    where it was built (the backend), so the forward reads nothing back to check them."""
+    microbatch (the mirror of `tnt_jax.train.token_sum`, which returns device arrays). The
+    batch's ids were validated where it was built (the backend), so the forward reads nothing
+    back to check them; `padded` says whether its inputs hold a pad (`TnT.forward`)."""
     total, count = 0.0, 0
     for micro in microbatches(batch, grad_accum):
-        loss, c = loss_fn(model, micro, check_ids=False)
+        loss, c = loss_fn(model, micro, check_ids=False, padded=padded)
         total, count = total + float(loss) * int(c), count + int(c)
     return total, count
 
 
 def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor],
-                     grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                     grad_accum: int = 1, *, padded: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward of this process's rows of the global batch in `grad_accum`
     microbatches; returns the global (loss, label tokens) and leaves the global batch's gradient
     in `.grad` (on every rank, after DDP's all-reduce).
@@ -74,16 +77,18 @@ def accumulate_grads(replica: distributed.Replica, batch: dict[str, torch.Tensor
     The loss is the mean over the non-pad labels of the WHOLE global batch, so each microbatch's
     mean is weighted by its share of the global tokens (`Replica.weight`) before its backward: the
     summed gradients are then those of one big batch (the mirror of
-    `tnt_jax.train.accumulated_grads`). Under DDP only the last microbatch's backward
-    all-reduces (`Replica.sync`); the earlier ones accumulate locally. The batch's ids were
-    validated where it was built (the backend's `_put`), not again per microbatch.
+    `tnt_jax.train.accumulate_grads`, which returns the gradients instead). Under DDP only the
+    last microbatch's backward all-reduces (`Replica.sync`); the earlier ones accumulate locally.
+    The batch's ids were validated where it was built (the backend's `_put`), not again per
+    microbatch, and whether its inputs hold a pad is known there too (`padded`, see
+    `TnT.forward`): the forward reads nothing back from the device.
     """
     parts = microbatches(batch, grad_accum)
     count = replica.global_count(batch)
     loss = torch.zeros((), dtype=torch.float32, device=count.device)
     for i, micro in enumerate(parts):
         with replica.sync(i == len(parts) - 1):
-            part, part_count = loss_fn(replica.forward, micro, check_ids=False)
+            part, part_count = loss_fn(replica.forward, micro, check_ids=False, padded=padded)
             weighted = part * replica.weight(part_count, count)
             weighted.backward()
         loss += weighted.detach()
