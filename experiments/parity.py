@@ -25,7 +25,7 @@ from tnt.config import ModelConfig, TrainConfig
 from tnt.params import param_specs
 from tnt_jax.model import merge_params, split_params
 from tnt_jax.optim import build_optimizer
-from tnt_jax.train import TrainState, make_train_step
+from tnt_jax.train import TrainState, make_train_step, model_graph
 
 CASES = [(a, n, act) for a in ("encoder_decoder", "decoder_only") for n in ("ngpt", "rmsnorm")
          for act in ("gelu", "silu")]
@@ -105,7 +105,7 @@ def full_precision_matmuls() -> Iterator[None]:
 def _jax_forward(cfg: ModelConfig):
     """The jitted logits of a config's model as a function of its canonical parameters: built
     once per process, so repeating a case (with other weights) compiles once."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: tnt_jax.TnT(cfg, nnx.Rngs(0))), nnx.Param)
+    graphdef = model_graph(cfg)
     return graphdef, jax.jit(lambda p, e, d: merge_params(graphdef, p)(e, d))
 
 
