@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tnt_jax.model import attend, gelu, l2norm, split_halves
+from tnt_jax.model import attend, gated, l2norm
 
 
 def plain_l2norm(x, axis=-1):
@@ -39,19 +39,17 @@ def test_l2norm_value_and_gradient_match_autodiff(rng, axis):
     np.testing.assert_allclose(fast, ref, rtol=2e-6, atol=1e-6)  # zero rows: both g / 1e-12
 
 
-def test_split_halves_gradient_is_the_concatenation(rng):
-    x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
-    f = lambda t: (lambda u, v: jnp.sum(u * jnp.sin(v)))(*split_halves(t))  # noqa: E731
-    g = lambda t: jnp.sum(t[..., :4] * jnp.sin(t[..., 4:]))  # noqa: E731
-    np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(g)(x))
-
-
-def test_gelu_is_exact_erf_gelu(rng):
-    x = jnp.asarray(rng.normal(scale=3.0, size=(1000,)), jnp.float32)
-    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda t: jnp.sum(gelu(t)))(x),
-                               jax.grad(lambda t: jnp.sum(jax.nn.gelu(t, approximate=False)))(x),
-                               rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_gated_matches_autodiff_of_the_plain_formula(activation, rng):
+    """`gated`'s hand-written gradient is autodiff's, checked in float64 (an identity)."""
+    with jax.enable_x64(True):
+        uv = jnp.asarray(rng.normal(scale=3.0, size=(3, 5, 16)), jnp.float64)
+        g = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float64)
+        act = (lambda v: jax.nn.gelu(v, approximate=False)) if activation == "gelu" else jax.nn.silu
+        plain = lambda t: t[..., :8] * act(t[..., 8:])  # noqa: E731
+        np.testing.assert_allclose(gated(uv, activation), plain(uv), rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(vjp(lambda t: gated(t, activation), uv, g), vjp(plain, uv, g),
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_attend_matches_the_plain_formula_and_zeroes_fully_masked_rows(rng):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 CUDNN_DTYPES = ("bfloat16", "float16")
+CAUSAL_BLOCK = 64  # queries per block of the CPU path's causal attention
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,16 @@ class Mask:
     keep_BxLxS: jax.Array | None = None
     causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
-    def dense(self, batch: int, q_len: int, kv_len: int) -> jax.Array:
-        """The mask as one boolean `[B, L, S]` array."""
+    def dense(self, batch: int, q_len: int, kv_len: int, q_start: int = 0) -> jax.Array:
+        """The mask of queries `q_start .. q_start + q_len - 1` over keys `0 .. kv_len - 1` as one
+        boolean `[B, q_len, kv_len]` array (by default: all of it)."""
         m = jnp.ones((1, q_len, kv_len), bool)
         if self.causal:
-            m = m & jnp.tril(jnp.ones((q_len, kv_len), bool))[None]
+            m = m & (jnp.arange(kv_len)[None, :] <= q_start + jnp.arange(q_len)[:, None])[None]
         if self.key_valid_BxS is not None:
-            m = m & self.key_valid_BxS[:, None, :]
+            m = m & self.key_valid_BxS[:, None, :kv_len]
         if self.keep_BxLxS is not None:
-            m = m & self.keep_BxLxS
+            m = m & self.keep_BxLxS[:, q_start:q_start + q_len, :kv_len]
         return jnp.broadcast_to(m, (batch, q_len, kv_len))
 
 
@@ -157,17 +159,35 @@ def _zero_rows(y_BxLxHxK: jax.Array, has_key_BxL: jax.Array) -> jax.Array:
 
 
 def _attend_einsum(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask) -> jax.Array:
-    """Cheaper on the [B, H, L, S] scores than the textbook order, same math: the scale has
-    multiplied q (L*dh numbers, not L*S), and the softmax's division is applied to the output
-    (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh divisions, not L*S). Scores and softmax
-    statistics are float32. Masked scores are set to the float minimum, so a fully masked row is
-    a uniform softmax, zeroed explicitly."""
-    keep_BxLxS = mask.dense(q_BxLxHxK.shape[0], q_BxLxHxK.shape[1], k_BxSxHxK.shape[1])
-    stats = jnp.promote_types(v_BxSxHxK.dtype, jnp.float32)  # float64 models stay float64
-    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=stats)
-    scores = jnp.where(keep_BxLxS[:, None], scores, jnp.finfo(scores.dtype).min)
+    """Scores materialized, by blocks of `CAUSAL_BLOCK` queries when the mask is causal: a block
+    attends only to the keys up to its last query (the rest are masked for all its rows), which
+    skips close to half the work of the score and value products at L >> CAUSAL_BLOCK."""
+    L = q_BxLxHxK.shape[1]
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))  # [B, H, L, K]
+    if mask.causal:
+        blocks = [_attend_block(q[:, :, s:s + CAUSAL_BLOCK], k[:, :, :s + CAUSAL_BLOCK],
+                                v[:, :, :s + CAUSAL_BLOCK], mask, s) for s in range(0, L, CAUSAL_BLOCK)]
+    else:
+        blocks = [_attend_block(q, k, v, mask, 0)]
+    y_BxHxLxK = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2)
+    return jnp.swapaxes(y_BxHxLxK, 1, 2)
+
+
+def _attend_block(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask: Mask, q_start: int) -> jax.Array:
+    """Queries `q_start ..` over keys `0 .. S-1`. Cheaper on the [B, H, L, S] scores than the
+    textbook order, same math: the scale has multiplied q (L*dh numbers, not L*S), and the
+    softmax's division is applied to the output (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh
+    divisions, not L*S). Scores and softmax statistics are float32. Masked scores are set to the
+    float minimum, so a fully masked row is a uniform softmax, zeroed explicitly."""
+    B, _, L, _ = q_BxHxLxK.shape
+    keep_Bx1xLxS = mask.dense(B, L, k_BxHxSxK.shape[2], q_start)[:, None]
+    stats = jnp.promote_types(v_BxHxSxK.dtype, jnp.float32)  # float64 models stay float64
+    scores = jnp.einsum("bhlk,bhsk->bhls", q_BxHxLxK, k_BxHxSxK, preferred_element_type=stats)
+    scores = jnp.where(keep_Bx1xLxS, scores, jnp.finfo(scores.dtype).min)
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    total_BxLxHx1 = jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)[..., None]
-    y_BxLxHxK = jnp.einsum("bhls,bshk->blhk", weights.astype(v_BxSxHxK.dtype), v_BxSxHxK,
-                           preferred_element_type=stats) / total_BxLxHx1
-    return _zero_rows(y_BxLxHxK.astype(v_BxSxHxK.dtype), jnp.any(keep_BxLxS, axis=-1))
+    y = jnp.einsum("bhls,bhsk->bhlk", weights.astype(v_BxHxSxK.dtype), v_BxHxSxK,
+                   preferred_element_type=stats) / jnp.sum(weights, axis=-1, keepdims=True)
+    if mask.key_valid_BxS is None and mask.keep_BxLxS is None:  # every query sees key 0
+        return y.astype(v_BxHxSxK.dtype)
+    has_key = jnp.any(keep_Bx1xLxS, axis=-1, keepdims=True)
+    return jnp.where(has_key, y, jnp.zeros((), y.dtype)).astype(v_BxHxSxK.dtype)

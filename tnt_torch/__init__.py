@@ -2,6 +2,10 @@
 eigen LRs and the unit-norm projection, safetensors checkpoints, generation (`inference`) and
 the `tnt.backend` adapter (`tnt_torch.backend`)."""
 
+from tnt.malloc import reuse_freed_blocks
+
+reuse_freed_blocks()  # before torch starts its threads (tnt/malloc.py)
+
 from tnt_torch.checkpoint import load_checkpoint, save_checkpoint
 from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, loss_fn, to_canonical

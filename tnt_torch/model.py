@@ -271,9 +271,10 @@ class Attention(nn.Module):
         H, K = self.n_heads, self.head_dim
         if self.self_attention:
             w_qkv = _derived(self, "w_qkv", lambda: torch.cat([self.wq, self.wk, self.wv], 1))
-            qkv = project(x_BxLxD, w_qkv, self.dtype).view(B, L, 3, H, K)
-            qk = self._qk(qkv[:, :, :2], rope, positions_BxL)
-            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+            # split and unbind (not indexing): their gradients are one concatenation, where
+            # each index's gradient would be a zero-filled copy of the whole qkv
+            qk, v = project(x_BxLxD, w_qkv, self.dtype).view(B, L, 3, H, K).split((2, 1), dim=2)
+            (q, k), v = self._qk(qk, rope, positions_BxL).unbind(2), v.squeeze(2)
         else:
             q = self._qk(project(x_BxLxD, self.wq, self.dtype).view(B, L, 1, H, K), rope,
                          positions_BxL)[:, :, 0]
