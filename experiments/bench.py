@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from experiments import bench_generate, bench_harness
-from experiments.flags import Parser
+from experiments.flags import Parser, add_threads_flag, apply_threads
 from tnt.backend import BACKENDS, BackendUnavailable, backend
 from tnt.config import DTYPES, PRESETS, ConfigError, RunConfig, build_run_config
 from tnt.flops import datasheet_peak, flops_per_token
@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="side of the square fp32 matmul for the peak (default 2048 on a "
                             "CPU, 8192 on a GPU)")
     train.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_flag(train)
     bench_generate.add_parser(sub)
     bench_harness.add_parser(sub)
     return p.parse_args(argv)
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
         if args.command == "harness":  # loglikelihood requests/s at each batch size, always JSON
             print(json.dumps(bench_harness.bench_harness(args), indent=1))
             return 0
+        apply_threads(args)
         result = bench_train(args)
     except (ConfigError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

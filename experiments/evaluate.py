@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.flags import Parser
+from experiments.flags import Parser, add_threads_flag, apply_threads
 from tnt.backend import BACKENDS, BackendUnavailable
 from tnt.backend import backend as backend_module
 from tnt.checkpoint_io import newest_readable
 from tnt.checkpoint_meta import CheckpointError
+from tnt.config import ConfigError
 from tnt.data import (
     Batches,
     DataError,
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--include-path", metavar="DIR", help="folder of local task YAML files")
     p.add_argument("--batch-size", type=int, default=16, help="harness requests per model call (16)")
     p.add_argument("--json", action="store_true")
+    add_threads_flag(p)
     args = p.parse_args(argv)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.data is None and not tasks:
@@ -192,6 +194,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
+        apply_threads(args)
         r = {}
         if args.data is not None:
             r = evaluate(args.run, args.data, args.backend, args.batches, args.split, args.tokenizer,
@@ -202,8 +205,8 @@ def main(argv=None) -> int:
             found = downstream(args.run, tasks, args.backend, args.limit, args.num_fewshot,
                                args.include_path, args.batch_size)
             r["tasks"] = found["tasks"]
-    except (CheckpointError, DataError, BackendUnavailable, SpecialIdCollision, HarnessError,
-            TokenizerMismatch) as e:
+    except (CheckpointError, ConfigError, DataError, BackendUnavailable, SpecialIdCollision,
+            HarnessError, TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

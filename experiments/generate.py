@@ -24,7 +24,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from experiments.flags import Parser
+from experiments.flags import Parser, add_threads_flag, apply_threads
 from tnt.backend import BACKENDS, Backend, BackendUnavailable, backend
 from tnt.checkpoint_meta import CheckpointError
 from tnt.config import MAX_SEED, ConfigError
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recompute the whole model for every token (the slow reference)")
     p.add_argument("--tokenizer", help="a tokenizer.json (BPE) or 'byte'; must match the "
                                        "checkpoint's")
+    add_threads_flag(p)
     args = p.parse_args(argv)
     if not args.prompt and not args.interactive:
         p.error("give --prompt TEXT or --interactive")
@@ -87,6 +88,7 @@ def interactive_seed(seed: int, turn: int) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        apply_threads(args)
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         b = backend(args.backend)
         loaded = b.load(args.ckpt)

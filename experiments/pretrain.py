@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.flags import Parser
+from experiments.flags import Parser, add_threads_flag, apply_threads
 from experiments.stopping import Stopped, stop_on_signals
 from tnt.backend import BACKENDS, BackendUnavailable, Launch
 from tnt.checkpoint_meta import CheckpointError, CheckpointWriteError
 from tnt.config import PRESETS, ConfigError, build_run_config, parse_set, read_config_file
 from tnt.data import DataError
 from tnt.run import Diverged, Run
-from tnt.threads import limit_threads
 
 # Flags that map onto config fields (flag dest -> field).
 FLAG_FIELDS = {"arch": "arch", "norm": "norm", "data": "data", "max_steps": "max_steps",
@@ -57,10 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(alphas, scalers, condition numbers; tnt/dynamics.py); 0 disables")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set d_model=256 (repeatable)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads the framework may use (default: every core this process may "
-                        "run on); on a machine shared with other jobs give your share, e.g. 1: "
-                        "more threads than free cores make every step wait (tnt/threads.py)")
+    add_threads_flag(p)
     p.add_argument("--logger", default="tensorboard", metavar="tensorboard,wandb",
                    help="where the scalars go, comma-separated (default tensorboard; wandb needs "
                         "the 'wandb' extra and writes RUN_DIR/wandb/, offline with WANDB_MODE=offline)")
@@ -111,11 +107,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = None
     try:
-        if args.threads is not None:
-            try:
-                limit_threads(args.threads)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        apply_threads(args)
         with stop_on_signals():
             run = make_run(args)
             run.fit()

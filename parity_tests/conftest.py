@@ -18,12 +18,13 @@ tests/test_compute_dtype_attention_remat.py, with the tolerance derived in docs/
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import jax
 import numpy as np
 import pytest
+
+from experiments.parity import full_precision_matmuls
 
 # pytest-xdist runs several test processes (pyproject.toml): on a GPU each takes memory as it needs
 # it instead of JAX's default 75% of the device, which would leave the next process none.
@@ -53,26 +54,6 @@ def gpu_reason() -> str | None:
 
 
 DEVICES = ["cpu", "gpu"]
-
-
-@contextlib.contextmanager
-def full_precision_matmuls():
-    """fp32 matmuls in full precision in both frameworks: XLA's "highest" precision, no TF32 in
-    torch (matmuls and cuDNN convolutions); restores the previous settings."""
-    import jax
-    import torch
-
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with jax.default_matmul_precision("highest"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
 
 
 @pytest.fixture(params=DEVICES)

@@ -3,10 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from common import CASES, config, jax_batch, jax_device, models, padded_batch, torch_batch, torch_device
 
 import tnt_jax
 import tnt_torch
+from experiments.parity import (
+    CASES,
+    config,
+    jax_batch,
+    jax_device,
+    models,
+    padded_batch,
+    torch_batch,
+    torch_device,
+)
 
 
 @pytest.mark.parametrize("arch, norm, activation", CASES)

@@ -5,41 +5,14 @@ Both sides use what users call: tnt_jax.optim.build_optimizer + tnt_jax.train.ma
 and tnt_torch.build_optimizer (its `step()` does clip, AdamW, eigen LRs, schedule, projection).
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import config, jax_batch, models, padded_batch, torch_batch
 
-import tnt_torch
+from experiments.parity import config, models, train_both
 from tnt.config import TrainConfig
 from tnt.params import param_specs
-from tnt_jax.model import split_params
-from tnt_jax.optim import build_optimizer
-from tnt_jax.train import TrainState, make_train_step
 
 STEPS = 5
-
-
-def train_both(cfg, train_cfg, device):
-    jm, tm, _ = models(cfg, device)
-    batches = [padded_batch(cfg, seed=s) for s in range(STEPS)]
-    graphdef, params = split_params(jm)
-    tx = build_optimizer(cfg, train_cfg)
-    step = make_train_step(graphdef, tx)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-    opt = tnt_torch.build_optimizer(tm, cfg, train_cfg)
-    j_losses, t_losses = [], []
-    for b in batches:
-        state, metrics = step(state, jax_batch(b, device))
-        j_losses.append(float(metrics["loss"]))
-        loss, _ = tnt_torch.loss_fn(tm, torch_batch(b, device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t_losses.append(float(loss.detach()))
-    j_params = {k: np.asarray(v) for k, v in jax.device_get(state.params).items()}
-    return j_params, tnt_torch.to_canonical(tm), j_losses, t_losses
 
 
 @pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
@@ -48,7 +21,7 @@ def test_five_steps_give_the_same_parameters(arch, norm, device, tol, report):
     cfg = config(arch, norm)
     # rmsnorm: a short warmup and weight decay, so both are exercised within 5 steps.
     train_cfg = TrainConfig(max_steps=STEPS, warmup_steps=2 if norm == "rmsnorm" else None)
-    j, t, j_losses, t_losses = train_both(cfg, train_cfg, device)
+    j, t, j_losses, t_losses = train_both(cfg, train_cfg, device, STEPS)
     assert report("loss per step", j_losses, t_losses) <= tol["loss"]
     worst = max((float(np.abs(j[n] - t[n]).max()), n) for n in j)
     assert report(f"params, worst {worst[1]}", worst[0], 0.0) <= tol["params"], worst

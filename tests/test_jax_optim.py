@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 from helpers import random_tokens, tiny_config
 
-from tnt.config import TrainConfig
+from tnt.config import RunConfig, TrainConfig
 from tnt.params import param_specs
 from tnt.schedule import learning_rate
+from tnt_jax.backend import Trainer
 from tnt_jax.model import TnT, merge_params, split_params
 from tnt_jax.optim import build_optimizer, lr_schedule, scale_by_eigen_lr, unit_norm_projection
 from tnt_jax.train import TrainState, make_train_step
@@ -163,3 +164,28 @@ def test_optimizer_refuses_parameters_of_another_config():
                                        "encoder.embed"):
         tx.init(params)
     build_optimizer(cfg, TrainConfig()).init(params)
+
+
+def test_runs_differing_only_in_lr_share_one_compiled_step(rng):
+    """The rates are an input of the Trainer's step: two runs differing only in lr lower to the
+    same program (one compilation-cache entry), and the doubled rate doubles the first update."""
+    model = tiny_config("decoder_only", "rmsnorm", n_decoder_layers=1)
+    a, b = (Trainer(RunConfig(model, TrainConfig(lr=lr, warmup_steps=0, max_steps=4, batch_size=4,
+                                                 seq_len=8)))
+            for lr in (1e-3, 2e-3))
+    dec = random_tokens(rng, (4, 9))
+    batch = {"dec_tokens": dec[:, :-1], "labels": dec[:, 1:]}
+    programs = [t._train_step.lower(t.state, t._put(batch), t.lr_table).as_text() for t in (a, b)]
+    assert programs[0] == programs[1]
+    # the same step with the config's table as a constant: one program per rate
+    constants = [t._train_step.lower(t.state, t._put(batch)).as_text() for t in (a, b)]
+    assert constants[0] != constants[1]
+    init = {n: np.asarray(v, np.float64) for n, v in a.state.params.items()}
+    np.testing.assert_array_equal(init["decoder.embed"], np.asarray(b.state.params["decoder.embed"]))
+    a.step(batch), b.step(batch)
+    for name, p in init.items():
+        new_a, new_b = (np.asarray(t.state.params[name], np.float64) for t in (a, b))
+        # each new weight is p + update rounded to float32: off by at most 2^-24 of itself
+        slack = 3 * 2.0 ** -24 * max(np.abs(new_a).max(), np.abs(new_b).max())
+        np.testing.assert_allclose(new_b - p, 2 * (new_a - p), rtol=0, atol=slack, err_msg=name)
+        assert np.abs(new_a - p).max() > 100 * slack, name  # the step moved every weight

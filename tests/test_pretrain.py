@@ -166,7 +166,7 @@ def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
     """Before a save the guard asks the backend which parameters are not finite (reduced on the
     device) instead of copying every weight to the host."""
     from tnt.config import build_run_config
-    from tnt.run import divergence
+    from tnt.run import nonfinite
 
     cfg = build_run_config("cpu-tiny")
     backend = backend_module(name).trainer(cfg)
@@ -182,4 +182,4 @@ def test_the_guard_names_non_finite_parameters_read_as_flags(name, tmp_path):
         with torch.no_grad():
             dict(backend.net.named_parameters())[bad].view(-1)[0] = float("inf")
     assert backend.nonfinite() == [bad]
-    assert divergence(None, cfg, backend) == f"non-finite parameters ({bad})"
+    assert nonfinite(None, backend) == f"non-finite parameters ({bad})"

@@ -17,7 +17,7 @@ from experiments.evaluate import evaluate
 from experiments.pretrain import main
 from tnt.checkpoint_io import CheckpointFallback, committed, read_canonical
 from tnt.config import build_run_config
-from tnt.run import divergence
+from tnt.run import diverged_message, over_ceiling
 from tnt.run_lock import RunLock
 
 BACKENDS = ["jax", "torch"]
@@ -149,6 +149,9 @@ def test_a_loss_above_max_loss_stops_the_run(corpus, tmp_path, capsys):
     assert main(args("torch", corpus, tmp_path / "run", "--set", "max_loss=1")) == 3
     line = one_error_line(capsys.readouterr().err)
     assert "exceeds max_loss=1" in line and "no checkpoint was written" in line
+    # the weights were finite: the message says what was not saved, not "nothing non-finite"
+    assert "weights (finite, but past the loss ceiling) were not saved" in line
+    assert "non-finite" not in line
     assert not (tmp_path / "run" / "checkpoints").exists() or committed(tmp_path / "run") == []
 
 
@@ -214,12 +217,12 @@ def test_the_default_ceiling_is_twice_the_loss_of_a_uniform_prediction():
     cfg = build_run_config("cpu-tiny", {"vocab_size": 259}, [])
     ceiling = 2 * math.log(259)
     assert cfg.train.max_loss is None and cfg.loss_ceiling == pytest.approx(ceiling, rel=1e-12)
-    assert divergence({"loss": ceiling * 0.99, "grad_norm": 1.0}, cfg) is None
-    assert divergence({"loss": 11.2, "grad_norm": 1.0}, cfg) == (
+    assert over_ceiling({"loss": ceiling * 0.99, "grad_norm": 1.0}, cfg) is None
+    assert over_ceiling({"loss": 11.2, "grad_norm": 1.0}, cfg) == (
         "train loss 11.2 exceeds the divergence ceiling 11.11 (twice ln(259), the loss of a "
         "uniform prediction; --set max_loss=X sets another, 0 none)")
     off = build_run_config("cpu-tiny", {"vocab_size": 259}, ["max_loss=0"])
-    assert divergence({"loss": 1e6, "grad_norm": 1.0}, off) is None
+    assert over_ceiling({"loss": 1e6, "grad_norm": 1.0}, off) is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -253,3 +256,16 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(backend, corp
     monkeypatch.undo()
     assert main(args(backend, corpus, run, "--resume", "--max-steps", "6")) == 0
     assert [p.name for p, _ in committed(run)] == ["6", "3"]
+
+
+def test_the_stop_message_says_what_was_not_saved(tmp_path):
+    """A finite loss past the ceiling and a non-finite value are told apart, each with where to
+    continue from."""
+    ceiling = diverged_message(7, "train loss 12 exceeds max_loss=10", True, 5, tmp_path)
+    assert ceiling == (f"training diverged at step 7: train loss 12 exceeds max_loss=10; step 7's "
+                       f"weights (finite, but past the loss ceiling) were not saved, the last good "
+                       f"checkpoint is step 5 in {tmp_path}; continue from it with --resume and "
+                       f"e.g. a lower --lr")
+    nan = diverged_message(3, "train loss nan, gradient norm nan", False, None, tmp_path)
+    assert nan == ("training diverged at step 3: train loss nan, gradient norm nan; nothing "
+                   "non-finite was saved, no checkpoint was written; start again with a lower --lr")

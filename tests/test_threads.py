@@ -6,8 +6,15 @@ import sys
 
 import pytest
 
+from experiments import bench, evaluate, flags, generate, pretrain
 from experiments.pretrain import main
 from tnt.threads import XLA_ONE_THREAD, limit_threads
+
+# each command with --threads, and input it refuses after applying the flag (no work is done)
+COMMANDS = {"pretrain": (pretrain.main, ["--out", "{tmp}/run", "--max-steps", "0"]),
+            "generate": (generate.main, ["--ckpt", "{tmp}/missing", "--prompt", "x"]),
+            "evaluate": (evaluate.main, ["{tmp}/missing", "--data", "{tmp}/missing"]),
+            "bench": (bench.main, ["train", "--steps", "0"])}
 
 
 def test_limit_threads_sets_every_pool_and_xla_only_for_one_thread(monkeypatch):
@@ -37,3 +44,18 @@ def test_a_bad_thread_count_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: --threads must be a positive integer, got 0\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_threads_through_the_one_helper(command, tmp_path, monkeypatch, capsys):
+    """A bad count is the same one error line in every command; a good one reaches
+    `limit_threads` before the command looks at its other input."""
+    run, argv = COMMANDS[command]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert run([*argv, "--threads", "0"]) == 2
+    assert capsys.readouterr().err == "error: --threads must be a positive integer, got 0\n"
+    seen = []
+    monkeypatch.setattr(flags, "limit_threads", seen.append)
+    assert run([*argv, "--threads", "3"]) == 2  # refused for its other input, after the threads
+    assert seen == [3]
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "run").exists()

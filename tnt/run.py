@@ -138,28 +138,49 @@ def restore_latest(trainer: Trainer, ckpt_dir: Path, main: bool = True) -> dict:
     return meta
 
 
-def divergence(metrics: dict | None, cfg: RunConfig, trainer: Trainer | None = None,
-               val_loss: float | None = None) -> str | None:
-    """What diverged, or None: a non-finite train loss or gradient norm, a train loss over the
-    run's `loss_ceiling` (`max_loss`, by default twice ln(vocab_size); 0: none), a non-finite
-    validation loss, or (with `trainer`) non-finite parameters, read as one flag each."""
+def nonfinite(metrics: dict | None, trainer: Trainer | None = None,
+              val_loss: float | None = None) -> str | None:
+    """A non-finite train loss or gradient norm, a non-finite validation loss, or (with
+    `trainer`) non-finite parameters, read as one flag each; None when all are finite."""
     if metrics is not None:
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return f"train loss {loss}, gradient norm {gnorm}"
-        ceiling = cfg.loss_ceiling
-        if ceiling and loss > ceiling and cfg.train.max_loss is not None:
-            return f"train loss {loss:.4g} exceeds max_loss={ceiling:g}"
-        if ceiling and loss > ceiling:
-            return (f"train loss {loss:.4g} exceeds the divergence ceiling {ceiling:.4g} (twice "
-                    f"ln({cfg.model.vocab_size}), the loss of a uniform prediction; --set "
-                    f"max_loss=X sets another, 0 none)")
     if val_loss is not None and not math.isfinite(val_loss):
         return f"validation loss {val_loss}"
     bad = trainer.nonfinite() if trainer is not None else []
     if bad:
         return f"non-finite parameters ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
     return None
+
+
+def over_ceiling(metrics: dict | None, cfg: RunConfig) -> str | None:
+    """A finite train loss over the run's `loss_ceiling` (`max_loss`, by default twice
+    ln(vocab_size); 0: none), or None."""
+    if metrics is None:
+        return None
+    loss, ceiling = float(metrics["loss"]), cfg.loss_ceiling
+    if not (ceiling and loss > ceiling):
+        return None
+    if cfg.train.max_loss is not None:
+        return f"train loss {loss:.4g} exceeds max_loss={ceiling:g}"
+    return (f"train loss {loss:.4g} exceeds the divergence ceiling {ceiling:.4g} (twice "
+            f"ln({cfg.model.vocab_size}), the loss of a uniform prediction; --set "
+            f"max_loss=X sets another, 0 none)")
+
+
+def diverged_message(step: int, problem: str, finite: bool, last_saved: int | None,
+                     ckpt_dir: Path) -> str:
+    """What stopped the run at `step`, what of it was not saved, and where to continue from:
+    `finite` weights past the loss ceiling, or non-finite values."""
+    kept = (f"step {step}'s weights (finite, but past the loss ceiling) were not saved" if finite
+            else "nothing non-finite was saved")
+    if last_saved is None:
+        advice = "no checkpoint was written; start again with a lower --lr"
+    else:
+        advice = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}; "
+                  f"continue from it with --resume and e.g. a lower --lr")
+    return f"training diverged at step {step}: {problem}; {kept}, {advice}"
 
 
 def event_writer(tb: Path, start: int) -> EventWriter:
@@ -403,17 +424,13 @@ class Run:
 
     def _guard(self, done: int, metrics: dict | None, params: bool = False,
                val_loss: float | None = None) -> None:
-        """Raise Diverged, naming the last good checkpoint, when `divergence` finds a problem."""
-        problem = divergence(metrics, self.cfg, self.trainer if params else None, val_loss)
-        if problem is None:
-            return
-        if self.last_saved is None:
-            advice = "no checkpoint was written; start again with a lower --lr"
-        else:
-            advice = (f"the last good checkpoint is step {self.last_saved} in {self.ckpt_dir}; "
-                      f"continue from it with --resume and e.g. a lower --lr")
-        raise Diverged(f"training diverged at step {done}: {problem}; nothing non-finite was "
-                       f"saved, {advice}")
+        """Raise Diverged, naming the last good checkpoint, when something is non-finite or the
+        loss is past the ceiling."""
+        bad = nonfinite(metrics, self.trainer if params else None, val_loss)
+        problem = bad or over_ceiling(metrics, self.cfg)
+        if problem is not None:
+            raise Diverged(diverged_message(done, problem, bad is None, self.last_saved,
+                                            self.ckpt_dir))
 
     def _log(self, step: int, metrics: dict) -> None:
         t, done = self.t, step + 1

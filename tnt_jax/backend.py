@@ -28,7 +28,7 @@ from tnt_jax.checkpoint import load  # noqa: F401 (the adapter's `load`)
 from tnt_jax.generate import generate as _generate
 from tnt_jax.generate import inference
 from tnt_jax.model import TnT, merge_params, split_params
-from tnt_jax.optim import build_optimizer, convert_adam_moments
+from tnt_jax.optim import build_optimizer, convert_adam_moments, lr_table
 from tnt_jax.score import label_logprobs
 from tnt_jax.train import TrainState, init_state, make_eval_step, make_train_step, model_graph
 
@@ -61,6 +61,9 @@ class Trainer:
         init = partial(init_state, cfg.model, self.tx, cfg.train.seed)
         self.state_sharding = self._shardings(jax.eval_shape(init).params)
         self.state = jax.jit(init, out_shardings=self.state_sharding)()
+        # an input of the step, not a constant in it: runs differing only in lr share one program
+        self.lr_table = jax.device_put(jnp.asarray(lr_table(cfg.model, cfg.train)),
+                                       NamedSharding(self.mesh, P()))
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.rows = sharding.local_rows(self.batch_sharding, cfg.train.batch_size)
         self._train_step = make_train_step(self.graphdef, self.tx, cfg.train.grad_accum,
@@ -84,7 +87,7 @@ class Trainer:
         return sharding.put_batch(batch, self.batch_sharding, rows)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        self.state, metrics = self._train_step(self.state, self._put(batch))
+        self.state, metrics = self._train_step(self.state, self._put(batch), self.lr_table)
         return metrics
 
     def evaluate(self, batches: Iterable[dict[str, np.ndarray]]) -> float:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tnt.config import ModelConfig, TrainConfig
@@ -117,17 +118,45 @@ def convert_adam_moments(opt_state: optax.OptState, factors: dict[str, float]) -
                         is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
 
 
-def lr_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
-    """The shared schedule (tnt.schedule) as an optax schedule, by table lookup."""
+def lr_table(model_cfg: ModelConfig, train_cfg: TrainConfig) -> np.ndarray:
+    """The shared schedule (tnt.schedule) as one rate per step, float64."""
     t = train_cfg.resolved(model_cfg.norm)
     # Past max(warmup, horizon) the rate is constant (min_lr), so the table's last entry serves.
     length = max(t.horizon, t.warmup_steps, t.max_steps) + 2
-    table = jnp.asarray(learning_rate_table(t.lr, t.min_lr, t.warmup_steps, t.horizon, length))
+    return learning_rate_table(t.lr, t.min_lr, t.warmup_steps, t.horizon, length)
+
+
+def lr_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+    """The shared schedule (tnt.schedule) as an optax schedule, by table lookup."""
+    table = jnp.asarray(lr_table(model_cfg, train_cfg))
     return lambda count: table[jnp.minimum(count, table.shape[0] - 1)]
 
 
-def build_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.GradientTransformation:
-    """The full TnT optimizer for a config; updates go to the canonical flat dict."""
+def scale_by_lr_table(default: np.ndarray) -> optax.GradientTransformationExtraArgs:
+    """`optax.scale_by_learning_rate` by table lookup, the table an argument of `update`
+    (`lr_table=`, a jax array: an input of the compiled step, so runs differing only in their
+    rates share one program) or, without it, `default` (a constant of the program). Same
+    state as optax's (`ScaleByScheduleState`), so checkpoints keep their tree."""
+    default = jnp.asarray(default)
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, lr_table=None, **extra_args):
+        del params, extra_args
+        table = default if lr_table is None else lr_table
+        rate = -table[jnp.minimum(state.count, table.shape[0] - 1)]
+        updates = jax.tree.map(lambda g: jnp.array(rate, dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def build_optimizer(model_cfg: ModelConfig,
+                    train_cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """The full TnT optimizer for a config; updates go to the canonical flat dict. Its `update`
+    takes the schedule as `lr_table=` (`lr_table(...)` as a jax array) or uses the config's."""
     t = train_cfg.resolved(model_cfg.norm)
     specs = param_specs(model_cfg)
 
@@ -140,7 +169,7 @@ def build_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.Gra
         chain.append(optax.add_decayed_weights(t.weight_decay, mask=lambda params: (
             jax.tree_util.tree_map_with_path(lambda p, _: specs[path_name(p)].weight_decay,
                                              params))))
-    chain += [scale_by_eigen_lr(eigen_lr), optax.scale_by_learning_rate(lr_schedule(model_cfg, train_cfg))]
+    chain += [scale_by_eigen_lr(eigen_lr), scale_by_lr_table(lr_table(model_cfg, train_cfg))]
     if model_cfg.norm == "ngpt":
         chain.append(unit_norm_projection(lambda n: specs[n].project_axis))
     tx = optax.chain(*chain)
@@ -151,4 +180,4 @@ def build_optimizer(model_cfg: ModelConfig, train_cfg: TrainConfig) -> optax.Gra
             check_names(names, model_cfg, "optimizer parameters")
         return tx.init(params)
 
-    return optax.GradientTransformation(init_fn, tx.update)
+    return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -98,14 +98,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     With `grad_accum` > 1 the batch is split into microbatches inside the compiled step
     (`accumulate_grads`); clipping, the eigen LRs and the projection (all in `tx`) then see the
     accumulated gradient once per global step.
+
+    `lr_table` (`tnt_jax.optim.lr_table` as a jax array), when given, is passed to `tx.update`:
+    the rates are then an input of the program, not constants, and one compile serves every rate.
     """
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None))
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], lr_table: jax.Array | None = None):
         loss, count, grads = accumulate_grads(graphdef, state.params, batch, grad_accum)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        rates = {} if lr_table is None else {"lr_table": lr_table}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **rates)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
         return TrainState(params, opt_state, state.step + 1), metrics
