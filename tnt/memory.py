@@ -27,6 +27,9 @@ MLP_KEPT = (("block input (read by w_in)", "D"), ("u, v", "2F"), ("act(v), u * a
 # the einsum path keeps the [H, S] scores per query: the masked float32 scores, their softmax and
 # its compute-dtype copy read by the p @ v matmul (one float32 copy where the compute is float32)
 EINSUM_SCORE_ROWS = 3
+# queries per block of the einsum path's causal self-attention (tnt_jax.attention): a block keeps
+# scores only for the keys up to its last query
+CAUSAL_BLOCK = 64
 # a fused kernel keeps its output and one float32 log-sum-exp per head, and nothing [H, S]-wide
 
 
@@ -50,17 +53,32 @@ def _width(unit: str, cfg: ModelConfig) -> int:
     return int(unit[:-1] or 1) * {"D": cfg.d_model, "F": cfg.hidden}[unit[-1]]
 
 
-def kept_per_token(cfg: ModelConfig, keys: int, flash: bool, cross: bool = False) -> int:
+def causal_keys(length: int) -> float:
+    """The keys per query, on average, that the einsum path's causal self-attention over
+    `length` tokens keeps scores for: each block of `CAUSAL_BLOCK` queries reads the keys up to its
+    last query."""
+    ends = [min(start + CAUSAL_BLOCK, length) for start in range(0, length, CAUSAL_BLOCK)]
+    return sum((end - start) * end for start, end in zip(range(0, length, CAUSAL_BLOCK), ends,
+                                                         strict=True)) / length
+
+
+def kept_per_token(cfg: ModelConfig, keys: int, flash: bool, cross_keys: int = 0,
+                   causal: bool = False) -> float:
     """Bytes one block keeps per query token for its backward pass, without remat: `keys` is the
-    attention's key count (S), `flash` a fused kernel (no [H, S] scores), `cross` a block with
-    cross-attention (decoder of encoder_decoder; the cross keys are counted at `keys` too)."""
+    self-attention's key count (S), `causal` whether it is causal (the decoder), `flash` a fused
+    kernel (no [H, S] scores), `cross_keys` the key count of a cross-attention (the decoder of
+    encoder_decoder; 0: none)."""
     act = BYTES[cfg.dtype]
     stream = 4 if cfg.norm == "ngpt" else act  # the float32 stream of the norms
-    attention = sum(_width(u, cfg) for _, u in ATTENTION_KEPT) * act
-    attention += (cfg.n_heads * 4 if flash else EINSUM_SCORE_ROWS * cfg.n_heads * keys * 4)
-    attention += cfg.d_model * (stream - act)  # its input is the float32 stream
+
+    def attention(n_keys: float) -> float:
+        kept = sum(_width(u, cfg) for _, u in ATTENTION_KEPT) * act
+        kept += cfg.n_heads * 4 if flash else EINSUM_SCORE_ROWS * cfg.n_heads * n_keys * 4
+        return kept + cfg.d_model * (stream - act)  # its input is the float32 stream
+
     mlp = sum(_width(u, cfg) for _, u in MLP_KEPT) * act + cfg.d_model * (stream - act)
-    return attention * (2 if cross else 1) + mlp
+    self_attention = attention(causal_keys(keys) if causal and not flash else keys)
+    return self_attention + (attention(cross_keys) if cross_keys else 0) + mlp
 
 
 def activation_bytes(cfg: RunConfig, rows: int, flash: bool) -> tuple[int, int]:
@@ -69,12 +87,13 @@ def activation_bytes(cfg: RunConfig, rows: int, flash: bool) -> tuple[int, int]:
     the float32 logits with their log-softmax)."""
     m, t = cfg.model, cfg.train
     stream = 4 if m.norm == "ngpt" else BYTES[m.dtype]
-    stacks = [(m.n_decoder_layers, t.seq_len, t.seq_len, m.has_encoder)]
+    # (layers, tokens, their keys, cross-attention keys, causal)
+    stacks = [(m.n_decoder_layers, t.seq_len, t.seq_len, t.encoder_len if m.has_encoder else 0, True)]
     if m.has_encoder:
-        stacks.append((m.n_encoder_layers, t.encoder_len, t.encoder_len, False))
+        stacks.append((m.n_encoder_layers, t.encoder_len, t.encoder_len, 0, False))
     kept = working = 0
-    for layers, tokens, keys, cross in stacks:
-        block = kept_per_token(m, max(keys, t.encoder_len if cross else 0), flash, cross) * tokens
+    for layers, tokens, keys, cross_keys, causal in stacks:
+        block = round(kept_per_token(m, keys, flash, cross_keys, causal) * tokens)
         if m.remat == "block":
             kept += layers * stream * m.d_model * tokens  # each block's input only
             working = max(working, block)

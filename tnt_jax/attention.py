@@ -16,9 +16,10 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from tnt.memory import CAUSAL_BLOCK  # the memory model counts the same blocks
+
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 CUDNN_DTYPES = ("bfloat16", "float16")
-CAUSAL_BLOCK = 64  # queries per block of the CPU path's causal attention
 
 log = logging.getLogger(__name__)
 
