@@ -148,14 +148,10 @@ def initial(cfg, rng):
     """float64 parameters on the sphere (the reference normalizes before training) and a batch."""
     _, params = jax_model.split_params(jax_model.TnT(cfg, nnx.Rngs(0)))
     specs = param_specs(cfg)
-    eff = {}
-    for n, v in params.items():
-        v = np.asarray(v, np.float64)
-        if specs[n].project_axis is not None:
-            v = v / np.linalg.norm(v, axis=specs[n].project_axis, keepdims=True)
-        else:  # scalers away from their init, so every one gets a distinct gradient
-            v = v * (1 + 0.2 * rng.uniform(-1, 1, v.shape))
-        eff[n] = v
+    eff = on_sphere(params, cfg)
+    for n, v in eff.items():
+        if specs[n].project_axis is None:  # scalers away from their init: distinct gradients
+            eff[n] = v * (1 + 0.2 * rng.uniform(-1, 1, v.shape))
     dec = random_tokens(rng, (4, 9), cfg.vocab_size)
     batch = {"dec_tokens": dec[:, :-1], "labels": dec[:, 1:]}
     if cfg.has_encoder:
