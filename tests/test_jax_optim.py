@@ -13,8 +13,15 @@ from tnt.params import param_specs
 from tnt.schedule import learning_rate
 from tnt_jax.backend import Trainer
 from tnt_jax.model import TnT, merge_params, split_params
-from tnt_jax.optim import build_optimizer, lr_schedule, scale_by_eigen_lr, unit_norm_projection
+from tnt_jax.optim import build_optimizer, lr_table, scale_by_eigen_lr, unit_norm_projection
 from tnt_jax.train import TrainState, make_train_step
+
+
+def lr_schedule(cfg, train_cfg):
+    """The shared schedule as a plain optax schedule (a lookup in `lr_table`), for references
+    built from optax's own transforms."""
+    table = jnp.asarray(lr_table(cfg, train_cfg))
+    return lambda count: table[jnp.minimum(count, table.shape[0] - 1)]
 
 
 def batch_for(cfg, rng, B=4, Le=6, Ld=8):

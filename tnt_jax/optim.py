@@ -126,12 +126,6 @@ def lr_table(model_cfg: ModelConfig, train_cfg: TrainConfig) -> np.ndarray:
     return learning_rate_table(t.lr, t.min_lr, t.warmup_steps, t.horizon, length)
 
 
-def lr_schedule(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
-    """The shared schedule (tnt.schedule) as an optax schedule, by table lookup."""
-    table = jnp.asarray(lr_table(model_cfg, train_cfg))
-    return lambda count: table[jnp.minimum(count, table.shape[0] - 1)]
-
-
 def scale_by_lr_table(default: np.ndarray) -> optax.GradientTransformationExtraArgs:
     """`optax.scale_by_learning_rate` by table lookup, the table an argument of `update`
     (`lr_table=`, a jax array: an input of the compiled step, so runs differing only in their
