@@ -22,9 +22,11 @@ from tnt.backend import Launch, Role, env_int
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.data import check_token_ids
+from tnt.generation import Generation, Sampling
 from tnt_jax import checkpoint, sharding
 from tnt_jax.checkpoint import load  # noqa: F401 (the adapter's `load`)
-from tnt_jax.generate import generate, inference  # noqa: F401 (`generate`: the adapter's)
+from tnt_jax.generate import generate as _generate
+from tnt_jax.generate import inference
 from tnt_jax.model import TnT, merge_params, split_params
 from tnt_jax.optim import build_optimizer, convert_adam_moments, lr_table
 from tnt_jax.score import label_logprobs
@@ -193,6 +195,12 @@ def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]
 
 def token_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(label_logprobs(model, batch)[0], np.float32)
+
+
+def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling, *,
+             use_cache: bool = True, warn: bool = True, stop_at_eos: bool = True) -> Generation:
+    return _generate(model, prompts, max_new_tokens, sampling, use_cache=use_cache, warn=warn,
+                     stop_at_eos=stop_at_eos)
 
 
 def decode_threads(n: int) -> None:

@@ -16,9 +16,11 @@ from tnt.backend import Launch, Role, env_int
 from tnt.checkpoint_meta import adam_moment_factors, make_meta
 from tnt.config import ConfigError, ModelConfig, RunConfig
 from tnt.data import check_token_ids, has_pad
+from tnt.generation import Generation, Sampling
 from tnt_torch import checkpoint, distributed
 from tnt_torch.checkpoint import load  # noqa: F401 (the adapter's `load`)
-from tnt_torch.generate import generate, inference  # noqa: F401 (`generate`: the adapter's)
+from tnt_torch.generate import generate as _generate
+from tnt_torch.generate import inference
 from tnt_torch.model import TnT, load_canonical, to_canonical
 from tnt_torch.optim import TnTOptimizer
 from tnt_torch.score import label_logprobs
@@ -206,6 +208,12 @@ def token_sums(model: TnT, cfg: RunConfig) -> Callable[[dict], tuple[float, int]
 @torch.no_grad()
 def token_logprobs(model: TnT, batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(label_logprobs(model, batch)[0], np.float32)
+
+
+def generate(model: TnT, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling, *,
+             use_cache: bool = True, warn: bool = True, stop_at_eos: bool = True) -> Generation:
+    return _generate(model, prompts, max_new_tokens, sampling, use_cache=use_cache, warn=warn,
+                     stop_at_eos=stop_at_eos)
 
 
 def decode_threads(n: int) -> int:
