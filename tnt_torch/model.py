@@ -107,9 +107,9 @@ class RoPE:
     """The position transform of q and k (docs/design.md, "RoPE"): `apply(x, positions)`.
 
     Hides which transform its tables serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
-    `pos * base^(-2i/dh)`, computed as `x * [cos, cos] + swap_halves(x) * [-sin, sin]` (three
-    ops), or, with `rope_mode="ngpt_reference"` (imported checkpoints only), the public nGPT
-    code's `swap_pairs(x) * T`, which is not a rotation (NVIDIA/ngpt#10). Both mirrors build each
+    `pos * base^(-2i/dh)` (`_Rotate`), or, with `rope_mode="ngpt_reference"` (imported
+    checkpoints only), the public nGPT code's `swap_pairs(x) * T`, which is not a rotation
+    (NVIDIA/ngpt#10). Both mirrors build each
     length's tables once (`tnt.rope.position_tables`) and keep the forward from copying them to
     the device: here `TnT.rope` keeps one `RoPE` per (length, device), since a copy to a GPU at
     each call would wait for it.
@@ -118,9 +118,6 @@ class RoPE:
     def __init__(self, cfg: ModelConfig, length: int, device: torch.device | str = "cpu"):
         self.reference = cfg.rope_mode == "ngpt_reference"
         tables = position_tables(cfg.rope_mode, length, cfg.head_dim, cfg.rope_base)
-        if not self.reference:
-            cos, sin = tables
-            tables = (np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1))
         self.tables = tuple(torch.tensor(t, device=device) for t in tables)
 
     def apply(self, x_BxLxK: torch.Tensor, positions_BxL: torch.Tensor | None = None
@@ -135,8 +132,39 @@ class RoPE:
             tables = [t[positions_BxL].view(*positions_BxL.shape, *middle, -1) for t in self.tables]
         if self.reference:
             return x_BxLxK.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * tables[0]
-        x1, x2 = x_BxLxK.chunk(2, dim=-1)
-        return x_BxLxK * tables[0] + torch.cat([x2, x1], dim=-1) * tables[1]
+        if not torch.is_grad_enabled():
+            return _rotate(x_BxLxK, *tables, 1.0)
+        return _Rotate.apply(x_BxLxK, *tables)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """`[x1 cos - sign x2 sin, x2 cos + sign x1 sin]` for the halves x1, x2 of the last axis,
+    written into one new tensor: the rotation by +angle (sign 1) or -angle (sign -1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+    y1, y2 = y.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=y2).addcmul_(x1, sin, value=sign)
+    return y
+
+
+class _Rotate(torch.autograd.Function):
+    """RoPE's rotation with the backward written out: the gradient of a rotation is the rotation
+    by the opposite angle. Each direction is four half-width ops writing one tensor, where
+    `x * [cos, cos] + swap_halves(x) * [-sin, sin]` through autograd copies x into a swapped
+    tensor forward and concatenates the halves' gradients backward (q and k are rotated in every
+    attention layer, so the copies are a visible share of the step on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, sin, -1.0), None, None
 
 
 class KVCache:
@@ -297,7 +325,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, specs, prefix: str, gen: torch.Generator):
         super().__init__()
-        self.ngpt, self.hidden = cfg.norm == "ngpt", cfg.hidden
+        self.ngpt = cfg.norm == "ngpt"
         self.sqrt_d = math.sqrt(cfg.d_model)
         self.activation, self.dtype = cfg.activation, getattr(torch, cfg.dtype)
         self.w_in = _param(specs[f"{prefix}.w_in"], gen)
@@ -311,9 +339,50 @@ class MLP(nn.Module):
         # product instead of a [B, L, 2F] one (equal up to rounding).
         w_in = (_derived(self, "w_in", lambda: self.w_in * (self.s_uv * self.sqrt_d))
                 if self.ngpt else self.w_in)
-        u, v = project(x_BxLxD, w_in, self.dtype).split(self.hidden, dim=-1)
-        act = F.gelu(v, approximate="none") if self.activation == "gelu" else F.silu(v)
-        return project(u * act, self.w_out, self.dtype)
+        return project(gated(project(x_BxLxD, w_in, self.dtype), self.activation),
+                       self.w_out, self.dtype)
+
+
+def _activation(v: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.gelu(v, approximate="none") if activation == "gelu" else F.silu(v)
+
+
+def gated(uv: torch.Tensor, activation: str) -> torch.Tensor:
+    """`u * act(v)` for `[u, v] = uv` split in halves of the last axis (tnt_jax.model.gated is the
+    same)."""
+    if not torch.is_grad_enabled():
+        u, v = uv.chunk(2, dim=-1)
+        return u * _activation(v, activation)
+    return _Gated.apply(uv, activation)
+
+
+class _Gated(torch.autograd.Function):
+    """`gated` with the backward written into one `[.., 2F]` gradient: `du = g act(v)` into its
+    first half and `dv = g u act'(v)` into its second. Through autograd, `split`'s backward
+    concatenates the two halves' gradients, a copy of the MLP's largest activation per layer."""
+
+    @staticmethod
+    def forward(ctx, uv: torch.Tensor, activation: str) -> torch.Tensor:
+        u, v = uv.chunk(2, dim=-1)
+        act = _activation(v, activation)
+        ctx.save_for_backward(uv, act)
+        ctx.activation = activation
+        return u * act
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        uv, act = ctx.saved_tensors
+        u, v = uv.chunk(2, dim=-1)
+        d_uv = torch.empty_like(uv)
+        du, dv = d_uv.chunk(2, dim=-1)
+        torch.mul(g, act, out=du)
+        torch.mul(g, u, out=dv)
+        if ctx.activation == "gelu":
+            torch.ops.aten.gelu_backward.grad_input(dv, v, approximate="none", grad_input=dv)
+        else:
+            torch.ops.aten.silu_backward.grad_input(dv, v, grad_input=dv)
+        return d_uv, None
 
 
 class Scale(nn.Module):
