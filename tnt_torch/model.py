@@ -132,6 +132,9 @@ class RoPE:
             tables = [t[positions_BxL].view(*positions_BxL.shape, *middle, -1) for t in self.tables]
         if self.reference:
             return x_BxLxK.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * tables[0]
+        if torch.compiler.is_compiling():  # the plain formula, which inductor fuses
+            (x1, x2), (cos, sin) = x_BxLxK.chunk(2, dim=-1), tables
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         if not torch.is_grad_enabled():
             return _rotate(x_BxLxK, *tables, 1.0)
         return _Rotate.apply(x_BxLxK, *tables)
@@ -153,7 +156,8 @@ class _Rotate(torch.autograd.Function):
     by the opposite angle. Each direction is four half-width ops writing one tensor, where
     `x * [cos, cos] + swap_halves(x) * [-sin, sin]` through autograd copies x into a swapped
     tensor forward and concatenates the halves' gradients backward (q and k are rotated in every
-    attention layer, so the copies are a visible share of the step on the CPU)."""
+    attention layer, so the copies are a visible share of the step on the CPU). Eager only: under
+    torch.compile `RoPE.apply` gives inductor the plain formula to fuse."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -349,8 +353,9 @@ def _activation(v: torch.Tensor, activation: str) -> torch.Tensor:
 
 def gated(uv: torch.Tensor, activation: str) -> torch.Tensor:
     """`u * act(v)` for `[u, v] = uv` split in halves of the last axis (tnt_jax.model.gated is the
-    same)."""
-    if not torch.is_grad_enabled():
+    same). Eager with gradients it runs `_Gated`; under torch.compile the plain formula, which
+    inductor fuses with its gradient better than it does the Function (measured)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         u, v = uv.chunk(2, dim=-1)
         return u * _activation(v, activation)
     return _Gated.apply(uv, activation)
