@@ -37,9 +37,9 @@ def configure_threads() -> None:
 def want_compile(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether to compile the blocks: the `compile` field, or with `compile=none`, on for CUDA and
     off elsewhere: on the CPU the first compiled step costs tens of seconds, more than a run of a
-    few hundred steps wins back at ~1.2x per step (docs/scale.md, docs/results.md); on a GPU inductor fuses the many elementwise ops of
-    the normalized residual, RoPE and the q/k norms into few kernels. FSDP2 with compile is
-    refused by the config (`TrainConfig`)."""
+    few hundred steps wins back at ~1.2x per step (docs/scale.md, docs/results.md); on a GPU
+    inductor fuses the many elementwise ops of the normalized residual, RoPE and the q/k norms
+    into few kernels. FSDP2 with compile is refused by the config (`TrainConfig`)."""
     if cfg.compile is not None:
         return cfg.compile
     return device.type == "cuda" and not cfg.fsdp
