@@ -191,5 +191,4 @@ def _attend_block(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask: Mask, q_start: int) -> 
                    preferred_element_type=stats) / total_BxLxHx1
     if mask.key_valid_BxS is None and mask.keep_BxLxS is None:  # every query sees key 0
         return y.astype(v_BxSxHxK.dtype)
-    has_key_BxLx1x1 = jnp.any(keep_Bx1xLxS[:, 0], axis=-1)[:, :, None, None]
-    return jnp.where(has_key_BxLx1x1, y, jnp.zeros((), y.dtype)).astype(v_BxSxHxK.dtype)
+    return _zero_rows(y, jnp.any(keep_Bx1xLxS[:, 0], axis=-1)).astype(v_BxSxHxK.dtype)

@@ -109,10 +109,10 @@ class RoPE:
     Hides which transform its tables serve: the rotation of pairs (x[i], x[i + dh/2]) by angle
     `pos * base^(-2i/dh)` (`_Rotate`), or, with `rope_mode="ngpt_reference"` (imported
     checkpoints only), the public nGPT code's `swap_pairs(x) * T`, which is not a rotation
-    (NVIDIA/ngpt#10). Both mirrors build each
-    length's tables once (`tnt.rope.position_tables`) and keep the forward from copying them to
-    the device: here `TnT.rope` keeps one `RoPE` per (length, device), since a copy to a GPU at
-    each call would wait for it.
+    (NVIDIA/ngpt#10). Both mirrors build each length's tables once
+    (`tnt.rope.position_tables`) and keep the forward from copying them to the device: here
+    `TnT.rope` keeps one `RoPE` per (length, device), since a copy to a GPU at each call would
+    wait for it.
     """
 
     def __init__(self, cfg: ModelConfig, length: int, device: torch.device | str = "cpu"):
