@@ -22,7 +22,7 @@ BYTES = {"float32": 4, "bfloat16": 2}
 ATTENTION_KEPT = (("block input (read by wq, wk, wv)", "D"), ("q, k before the per-head norm", "2D"),
                   ("q, k scaled (read by the scores)", "2D"), ("v", "D"),
                   ("attention output (read by wo)", "D"), ("wo output f, norm(f), sum", "3D"))
-MLP_KEPT = (("block input (read by w_in)", "D"), ("u, v", "2F"), ("act(v), u * act(v)", "2F"),
+MLP_KEPT = (("block input (read by w_in)", "D"), ("u, v", "2F"), ("u * act(v) (read by w_out)", "F"),
             ("w_out output f, norm(f), sum", "3D"))
 # the einsum path keeps the [H, S] scores per query: the masked float32 scores, their softmax and
 # its compute-dtype copy read by the p @ v matmul (one float32 copy where the compute is float32)

@@ -187,6 +187,11 @@ def gated(uv: jax.Array, activation: str) -> jax.Array:
 
 
 def _gated_bwd(activation: str, uv: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    # The barrier keeps XLA from sharing the forward's erf with this recomputation: shared, it
+    # is written out as a [tokens, F] array the forward splits into three passes to produce and
+    # the step keeps until the backward; recomputed, the forward is one pass (the bench step
+    # measured 2-3 ms faster, docs/results.md).
+    uv = jax.lax.optimization_barrier(uv)
     u, v = jnp.split(uv, 2, axis=-1)
     act, slope = _activation_and_slope(v, activation)
     return (jnp.concatenate([g * act, g * u * slope], axis=-1),)
