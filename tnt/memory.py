@@ -22,6 +22,8 @@ BYTES = {"float32": 4, "bfloat16": 2}
 ATTENTION_KEPT = (("block input (read by wq, wk, wv)", "D"), ("q, k before the per-head norm", "2D"),
                   ("q, k scaled (read by the scores)", "2D"), ("v", "D"),
                   ("attention output (read by wo)", "D"), ("wo output f, norm(f), sum", "3D"))
+# tnt_jax's gated activation recomputes act(v) in its backward; tnt_torch's `_Gated` also keeps it,
+# F more per token (docs/scale.md gives what that adds to the GPU presets)
 MLP_KEPT = (("block input (read by w_in)", "D"), ("u, v", "2F"), ("u * act(v) (read by w_out)", "F"),
             ("w_out output f, norm(f), sum", "3D"))
 # the einsum path keeps the [H, S] scores per query: the masked float32 scores, their softmax and
